@@ -1,0 +1,113 @@
+"""Training callbacks: checkpoints, the non-finite guard, scalars and throughput."""
+
+import math
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; training stopped before any save."""
+
+
+def _scalar(value):
+  return float(np.asarray(value).reshape(-1)[0])
+
+
+class FiniteLossGuard(keras.callbacks.Callback):
+  """Stops training with a clear error as soon as the loss is not finite.
+
+  Runs on every batch, before the checkpoint callback's next save, so the last
+  checkpoint written is the last good one.
+  """
+
+  def __init__(self, workdir):
+    super().__init__()
+    self.workdir = workdir
+
+  def on_train_batch_end(self, batch, logs=None):
+    loss = _scalar(logs["loss"])
+    if not math.isfinite(loss):
+      step = int(self.model.optimizer.iterations.numpy())
+      raise NonFiniteLossError(
+          f"loss is {loss} at step {step}: training stopped; the last good checkpoint "
+          f"in {self.workdir} is kept (lower --lr, raise --eps, or check the data)")
+
+
+class CheckpointSaver(keras.callbacks.Callback):
+  """Saves a checkpoint at the end of every epoch, numbered by the global step."""
+
+  def __init__(self, manager):
+    super().__init__()
+    self.manager = manager
+
+  def on_epoch_end(self, epoch, logs=None):
+    if logs and not all(math.isfinite(_scalar(v)) for v in logs.values()):
+      raise NonFiniteLossError(f"non-finite metrics at the end of epoch {epoch + 1}: "
+                               f"{logs}; no checkpoint written")
+    step = int(self.model.optimizer.iterations.numpy())
+    self.manager.save(checkpoint_number=step)
+
+
+class ScalarLogger(keras.callbacks.Callback):
+  """Writes the loss terms, learning rate and images/s to TensorBoard every N steps."""
+
+  def __init__(self, logdir, every_steps, global_batch_size, learning_rate_fn):
+    super().__init__()
+    self.writer = tf.summary.create_file_writer(logdir)
+    self.every = every_steps
+    self.batch = global_batch_size
+    self.lr_fn = learning_rate_fn
+    self._last_time = None
+    self._last_step = None
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = int(self.model.optimizer.iterations.numpy())
+    if step % self.every:
+      return
+    now = time.perf_counter()
+    with self.writer.as_default(step=step):
+      for name, value in logs.items():
+        tf.summary.scalar(f"loss/{name}" if name != "loss" else "loss/total",
+                          _scalar(value))
+      tf.summary.scalar("optim/learning_rate", float(self.lr_fn(step - 1)))
+      if self._last_time is not None and step > self._last_step:
+        rate = (step - self._last_step) * self.batch / (now - self._last_time)
+        tf.summary.scalar("perf/images_per_second", rate)
+    self._last_time, self._last_step = now, step
+
+  def on_epoch_begin(self, epoch, logs=None):
+    # Do not count the time between epochs (checkpoint writes) as training time.
+    self._last_time = None
+
+  def on_train_end(self, logs=None):
+    self.writer.flush()
+
+
+class Throughput(keras.callbacks.Callback):
+  """Images per second over the epochs after the first (which includes tracing)."""
+
+  def __init__(self, global_batch_size):
+    super().__init__()
+    self.batch = global_batch_size
+    self.samples = []   # (seconds, steps) per epoch
+    self._start = None
+    self._steps = 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._start = time.perf_counter()
+    self._steps = 0
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._steps += 1
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.samples.append((time.perf_counter() - self._start, self._steps))
+
+  def images_per_second(self):
+    timed = self.samples[1:] or self.samples
+    seconds = sum(s for s, _ in timed)
+    steps = sum(n for _, n in timed)
+    return steps * self.batch / seconds if seconds > 0 else float("nan")

@@ -1,0 +1,230 @@
+"""Data sources and the two-view tf.data pipelines.
+
+Sources yield (image, label) with uint8 images (H, W, 3):
+  * "digits": scikit-learn's bundled handwritten digits, the embedded default (no
+    download), upsampled once from 8x8 to the training size;
+  * any tensorflow-datasets image classification set ("cifar10", "cifar100", ...),
+    read from `tfds_data_dir` (downloaded only when asked to, and only after a quick
+    check that the network is there);
+  * "folder": a directory with one sub-folder per split, each holding one sub-folder
+    of images per class (ImageNet-100, Tiny ImageNet, a user's own data).
+
+Errors a user can cause raise DataError, whose message names the flag or path.
+"""
+
+import dataclasses
+import os
+import socket
+
+import numpy as np
+import tensorflow as tf
+
+from corinfomax_tf import augment
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+DIGITS_NUM_CLASSES = 10
+
+
+class DataError(ValueError):
+  """A data set or path the user named cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A labelled image data set, split into train and test."""
+  name: str
+  train: tf.data.Dataset          # (uint8 image (H, W, 3), int64 label)
+  test: tf.data.Dataset
+  num_train: int
+  num_test: int
+  num_classes: int
+  in_memory: bool                 # small enough to cache decoded
+
+
+# ----------------------------------------------------------------------------
+# Sources.
+# ----------------------------------------------------------------------------
+
+
+def digits_arrays(image_size):
+  """The digits set as uint8 arrays, stratified 80/20 split with a fixed seed."""
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+  digits = load_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
+  images = tf.image.resize(images, (image_size, image_size), method="bicubic")
+  images = np.clip(np.round(images.numpy() * 255.0), 0, 255).astype(np.uint8)
+  images = np.repeat(images, 3, axis=-1)
+  labels = digits.target.astype(np.int64)
+  x_tr, x_te, y_tr, y_te = train_test_split(images, labels, test_size=0.2,
+                                            random_state=0, stratify=labels)
+  return (x_tr, y_tr), (x_te, y_te)
+
+
+def digits_source(image_size):
+  (x_tr, y_tr), (x_te, y_te) = digits_arrays(image_size)
+  return Source("digits", tf.data.Dataset.from_tensor_slices((x_tr, y_tr)),
+                tf.data.Dataset.from_tensor_slices((x_te, y_te)), len(x_tr),
+                len(x_te), DIGITS_NUM_CLASSES, in_memory=True)
+
+
+def _network_reachable(host="storage.googleapis.com", port=443, timeout=5.0):
+  try:
+    with socket.create_connection((host, port), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
+def tfds_source(name, data_dir, train_split, test_split, download):
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # tfds raises several types for unknown names
+    raise DataError(f"--dataset={name}: not a tensorflow-datasets data set "
+                    f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+  if not builder.is_prepared():
+    where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
+    if not download:
+      raise DataError(f"--dataset={name}: not prepared in --tfds_data_dir={where} and "
+                      "--tfds_download is off; prepare it there or pass --tfds_download")
+    if not _network_reachable():
+      raise DataError(f"--dataset={name}: not prepared in --tfds_data_dir={where} and "
+                      "the network is unreachable for a download; run `python -m "
+                      "tensorflow_datasets.scripts.download_and_prepare "
+                      f"--datasets={name}` on a machine with network and copy it there")
+    builder.download_and_prepare()
+  splits = builder.info.splits
+  for flag, split in (("--train_split", train_split), ("--test_split", test_split)):
+    if split not in splits:
+      raise DataError(f"{flag}={split}: {name} has splits {sorted(splits.keys())}")
+  features = builder.info.features
+  if "image" not in features or "label" not in features:
+    raise DataError(f"--dataset={name}: needs 'image' and 'label' features; "
+                    f"has {sorted(features.keys())}")
+
+  def load(split):
+    ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    return ds.map(lambda x, y: (_ensure_rgb(x), tf.cast(y, tf.int64)),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+  num_classes = features["label"].num_classes
+  small = splits[train_split].num_examples * np.prod(
+      features["image"].shape[:2] if None not in features["image"].shape[:2]
+      else (256, 256)) * 3 < 2**30
+  return Source(name, load(train_split), load(test_split),
+                splits[train_split].num_examples, splits[test_split].num_examples,
+                num_classes, in_memory=bool(small))
+
+
+def _ensure_rgb(image):
+  if image.shape[-1] == 1:
+    return tf.tile(image, [1, 1, 3])
+  return image
+
+
+def list_image_folder(root, flag="--data_dir"):
+  """(paths, labels, class_names) of root/<class>/<image>; errors name the path."""
+  if not os.path.isdir(root):
+    raise DataError(f"{flag}: directory {root!r} does not exist")
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  if not classes:
+    raise DataError(f"{flag}: {root!r} has no class sub-folders")
+  paths, labels = [], []
+  for index, name in enumerate(classes):
+    folder = os.path.join(root, name)
+    files = sorted(f for f in os.listdir(folder)
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise DataError(f"{flag}: class folder {folder!r} holds no images "
+                      f"({', '.join(IMAGE_EXTENSIONS)})")
+    paths.extend(os.path.join(folder, f) for f in files)
+    labels.extend([index] * len(files))
+  return paths, labels, classes
+
+
+def _decode(path, label):
+  data = tf.io.read_file(path)
+  image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  return tf.ensure_shape(image, (None, None, 3)), label
+
+
+def folder_source(data_dir, train_split, test_split, in_memory=False):
+  train_root = os.path.join(data_dir, train_split)
+  test_root = os.path.join(data_dir, test_split)
+  if not os.path.isdir(data_dir):
+    raise DataError(f"--data_dir: directory {data_dir!r} does not exist")
+  tr_paths, tr_labels, classes = list_image_folder(train_root, "--data_dir/--train_split")
+  te_paths, te_labels, te_classes = list_image_folder(test_root, "--data_dir/--test_split")
+  if te_classes != classes:
+    missing = sorted(set(classes) ^ set(te_classes))[:5]
+    raise DataError(f"--data_dir: {train_root!r} and {test_root!r} have different "
+                    f"class folders (e.g. {missing})")
+
+  def load(paths, labels):
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(paths), tf.constant(labels, tf.int64)))
+    return ds.map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
+
+  return Source(os.path.basename(os.path.normpath(data_dir)) or "folder",
+                load(tr_paths, tr_labels), load(te_paths, te_labels), len(tr_paths),
+                len(te_paths), len(classes), in_memory=in_memory)
+
+
+def load_source(dataset, *, image_size, data_dir=None, tfds_data_dir=None,
+                train_split="train", test_split="test", tfds_download=False,
+                cache=False):
+  """Builds the Source a config names; fails fast with a DataError."""
+  if dataset == "digits":
+    return digits_source(image_size)
+  if dataset == "folder":
+    if not data_dir:
+      raise DataError("--data_dir is required with --dataset=folder")
+    return folder_source(data_dir, train_split, test_split, in_memory=cache)
+  return tfds_source(dataset, tfds_data_dir, train_split, test_split, tfds_download)
+
+
+# ----------------------------------------------------------------------------
+# Pipelines.
+# ----------------------------------------------------------------------------
+
+
+def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
+                     seed, shuffle_buffer=10000, deterministic=False):
+  """Infinite dataset of ((view1, view2), label) batches of `global_batch_size`.
+
+  Decoded images are cached when the source is small; each element gets its own
+  augmentation seed from a seeded random stream, so that parallel maps stay
+  reproducible. Batches drop the remainder so that every replica gets the same
+  number of images (the global batch is split evenly by the strategy).
+  """
+  ds = source.train
+  if source.in_memory:
+    ds = ds.cache()
+  ds = ds.shuffle(min(shuffle_buffer, source.num_train), seed=seed,
+                  reshuffle_each_iteration=True).repeat()
+  seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+  ds = tf.data.Dataset.zip((ds, seeds))
+  view1, view2 = views
+
+  def make_views(example, element_seed):
+    image, label = example
+    image = augment.to_float(image)
+    base = tf.stack([element_seed, tf.constant(0, tf.int64)])
+    s1, s2 = tf.unstack(tf.random.experimental.stateless_split(base, num=2))
+    x1 = augment.augment_view(image, image_size, view1, mean, std, s1)
+    x2 = augment.augment_view(image, image_size, view2, mean, std, s2)
+    return (x1, x2), label
+
+  ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=deterministic or None)
+  ds = ds.batch(global_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(ds, *, batch_size, image_size, mean, std):
+  """Finite dataset of (normalised image, label) batches for feature extraction."""
+  def prep(image, label):
+    return augment.eval_view(augment.to_float(image), image_size, mean, std), label
+  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,75 @@
+"""Strategy construction and the cross-replica gather.
+
+Library code never creates a strategy: `train.py` calls `make_strategy` once and
+builds everything inside its scope.
+"""
+
+import json
+import os
+
+import tensorflow as tf
+
+
+def split_cpu(num_devices):
+  """Splits the first CPU into `num_devices` logical devices (for tests and for
+  trying MirroredStrategy without GPUs). Must run before TensorFlow initialises
+  its devices; returns the logical device names."""
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  current = tf.config.get_logical_device_configuration(cpu)
+  if current is None or len(current) != num_devices:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices)
+  return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+def make_strategy(name, num_cpu_devices=0):
+  """default | mirrored | multi_worker -> a tf.distribute.Strategy."""
+  if name == "default":
+    return tf.distribute.get_strategy()
+  if name == "mirrored":
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+      return tf.distribute.MirroredStrategy()
+    if num_cpu_devices > 1:
+      return tf.distribute.MirroredStrategy(split_cpu(num_cpu_devices))
+    return tf.distribute.MirroredStrategy(["/cpu:0"])
+  if name == "multi_worker":
+    if "TF_CONFIG" in os.environ:
+      try:
+        json.loads(os.environ["TF_CONFIG"])
+      except ValueError as e:
+        raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from None
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  raise ValueError(f"--strategy={name}: must be default, mirrored or multi_worker")
+
+
+def num_replicas():
+  return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def gather(x):
+  """Concatenates `x` over all replicas along axis 0, differentiably.
+
+  all_gather's gradient all-reduces the upstream gradient (sum over replicas) and
+  keeps this replica's slice, so a loss computed identically on every replica must
+  be divided by the replica count before differentiation (see ssl_model.py).
+  """
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None or ctx.num_replicas_in_sync == 1:
+    return x
+  return ctx.all_gather(x, axis=0)
+
+
+def is_multi_worker(strategy):
+  return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def is_chief(strategy):
+  """The worker that writes checkpoints, logs and summaries."""
+  if not is_multi_worker(strategy):
+    return True
+  resolver = strategy.cluster_resolver
+  task_type, task_id = resolver.task_type, resolver.task_id
+  return task_type is None or task_type == "chief" or (
+      task_type == "worker" and task_id == 0 and
+      "chief" not in resolver.cluster_spec().as_dict())

@@ -1,0 +1,72 @@
+"""Quick evaluation of a frozen encoder: pooled features -> linear probe top-1.
+
+This is the post-pretraining check of the training job (a softmax classifier on
+standardised, precomputed features; no augmentation), not the paper's 100-epoch
+linear-evaluation protocol with augmentations.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def extract_features(encoder, dataset):
+  """Pooled features of every batch of a finite (images, labels) dataset."""
+
+  # One trace for every batch size (the last batch is smaller).
+  spec = dataset.element_spec[0]
+  signature = [tf.TensorSpec((None,) + tuple(spec.shape[1:]), spec.dtype)]
+
+  @tf.function(input_signature=signature)
+  def features(images):
+    return encoder(images, training=False)
+
+  feats, labels = [], []
+  for images, y in dataset:
+    feats.append(features(images).numpy())
+    labels.append(y.numpy())
+  return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int64)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, *, epochs=100,
+                 batch_size=256, learning_rate=1e-3, seed=0):
+  """Trains a linear softmax classifier on standardised features.
+
+  Returns {"top1": ..., "top5": ...} on the test features, in percent.
+  """
+  if train_y.min() < 0 or train_y.max() >= num_classes:
+    raise ValueError(f"labels must be in [0, {num_classes}). "
+                     f"Received: labels in [{train_y.min()}, {train_y.max()}]")
+  mean = train_x.mean(axis=0, keepdims=True)
+  std = train_x.std(axis=0, keepdims=True) + 1e-6
+  train_x = (train_x - mean) / std
+  test_x = (test_x - mean) / std
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input(shape=(train_x.shape[1],))
+  logits = keras.layers.Dense(num_classes)(inputs)
+  classifier = keras.Model(inputs, logits)
+  classifier.compile(
+      optimizer=keras.optimizers.Adam(learning_rate),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  classifier.fit(train_x, train_y, batch_size=batch_size, epochs=epochs, verbose=0,
+                 shuffle=True)
+  scores = classifier.predict(test_x, batch_size=1024, verbose=0)
+  return topk_accuracy(scores, test_y)
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+  order = np.argsort(-scores, axis=1)
+  result = {}
+  for k in ks:
+    k_eff = min(k, scores.shape[1])
+    hit = (order[:, :k_eff] == labels[:, None]).any(axis=1)
+    result[f"top{k}"] = float(100.0 * hit.mean())
+  return result
+
+
+def probe_encoder(encoder, train_ds, test_ds, num_classes, *, epochs=100, seed=0):
+  """Features of both splits through `encoder`, then `linear_probe`."""
+  train_x, train_y = extract_features(encoder, train_ds)
+  test_x, test_y = extract_features(encoder, test_ds)
+  return linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=epochs,
+                      seed=seed)

@@ -1,0 +1,115 @@
+"""Every command-line flag of the pretraining job, defined in one function.
+
+Only entry points call `define_flags()`; library code takes config objects.
+Defaults are the CIFAR-10 setting of the paper except where a flagfile says otherwise.
+"""
+
+from absl import flags
+
+# Flags whose values are written into the workdir's resolved flagfile.
+_DEFINED = []
+
+
+def _track(define, name, *args, **kwargs):
+  define(name, *args, **kwargs)
+  _DEFINED.append(name)
+
+
+def define_flags():
+  if _DEFINED:
+    return
+  f = flags
+  # Data.
+  _track(f.DEFINE_string, "dataset", "digits",
+         "'digits' (embedded default), a tensorflow-datasets name (cifar10, cifar100, ...) "
+         "or 'folder' (an image folder under --data_dir).")
+  _track(f.DEFINE_string, "data_dir", "",
+         "With --dataset=folder: directory holding <train_split>/<class>/<image> and "
+         "<test_split>/<class>/<image>.")
+  _track(f.DEFINE_string, "tfds_data_dir", "", "tensorflow-datasets data_dir.")
+  _track(f.DEFINE_bool, "tfds_download", False,
+         "Download and prepare a tfds data set that is not prepared yet.")
+  _track(f.DEFINE_string, "train_split", "train", "Split (or sub-folder) to pretrain on.")
+  _track(f.DEFINE_string, "test_split", "test", "Split (or sub-folder) for the probe's test.")
+  _track(f.DEFINE_integer, "image_size", 32, "Training crop size.")
+  _track(f.DEFINE_string, "normalization", "auto",
+         "Per-channel mean/std: auto (by data set), cifar10, cifar100, imagenet, digits.")
+  _track(f.DEFINE_bool, "cache", False, "Cache decoded images of an image folder in memory.")
+  _track(f.DEFINE_integer, "shuffle_buffer", 10000, "Shuffle buffer, in images.")
+  # Augmentation.
+  _track(f.DEFINE_float, "crop_min_scale", 0.08, "Random resized crop: smallest area share.")
+  _track(f.DEFINE_float, "hflip_prob", 0.5, "Horizontal flip probability.")
+  _track(f.DEFINE_float, "jitter_prob", 0.8, "Colour jitter probability.")
+  _track(f.DEFINE_float, "brightness", 0.4, "Colour jitter brightness strength.")
+  _track(f.DEFINE_float, "contrast", 0.4, "Colour jitter contrast strength.")
+  _track(f.DEFINE_float, "saturation", 0.2, "Colour jitter saturation strength.")
+  _track(f.DEFINE_float, "hue", 0.1, "Colour jitter hue strength.")
+  _track(f.DEFINE_float, "grayscale_prob", 0.2, "Grayscale probability.")
+  _track(f.DEFINE_list, "blur_prob", ["1.0", "0.1"],
+         "Gaussian blur probability: one value, or view1,view2.")
+  _track(f.DEFINE_list, "solarize_prob", ["0.0", "0.2"],
+         "Solarisation probability: one value, or view1,view2.")
+  # Model.
+  _track(f.DEFINE_integer, "depth", 18, "ResNet depth: 18, 34 or 50.")
+  _track(f.DEFINE_string, "stem", "cifar", "ResNet stem: cifar or imagenet.")
+  _track(f.DEFINE_integer, "width", 64, "Filters of the first ResNet stage (64 standard).")
+  _track(f.DEFINE_string, "projector", "2048-2048-64", "Projector widths, last = D.")
+  _track(f.DEFINE_bool, "projector_bn", False, "BatchNorm in the projector's hidden layers.")
+  _track(f.DEFINE_bool, "l2_normalize", True, "L2-normalise projector outputs.")
+  _track(f.DEFINE_bool, "sync_bn", True,
+         "Synchronise BatchNorm across replicas (only when there are several).")
+  # Loss.
+  _track(f.DEFINE_float, "alpha", 250.0, "Attraction weight.")
+  _track(f.DEFINE_float, "cov_weight", 1.0, "Covariance (big-bang) term weight.")
+  _track(f.DEFINE_float, "la_R", 0.01, "Covariance forgetting factor, in [0, 1).")
+  _track(f.DEFINE_float, "la_mu", 0.01, "Mean forgetting factor, in [0, 1).")
+  _track(f.DEFINE_float, "eps", 1e-8, "Diagonal perturbation of R in the log-determinant.")
+  _track(f.DEFINE_float, "R_ini", 1.0, "R starts as R_ini * I.")
+  _track(f.DEFINE_enum, "covariance", "per_branch", ["per_branch", "shared"],
+         "One (mu, R) per view, or one over both views.")
+  # Optimisation.
+  _track(f.DEFINE_float, "lr", 0.5, "Base learning rate (for the global batch).")
+  _track(f.DEFINE_float, "momentum", 0.9, "SGD momentum.")
+  _track(f.DEFINE_float, "weight_decay", 1e-4, "Coupled L2 weight decay (PyTorch SGD).")
+  _track(f.DEFINE_integer, "warmup_epochs", 10, "Linear warm-up epochs.")
+  _track(f.DEFINE_float, "warmup_start_lr", 3e-3, "Learning rate at step 0.")
+  _track(f.DEFINE_float, "min_lr", 1e-6, "Learning rate at the end of the cosine.")
+  # Training.
+  _track(f.DEFINE_string, "workdir", "runs/default",
+         "Checkpoints, TensorBoard logs, resolved flags and summary.json go here.")
+  _track(f.DEFINE_integer, "epochs", 1000, "Pretraining epochs.")
+  _track(f.DEFINE_integer, "batch_size", 512, "Global batch size (all replicas).")
+  _track(f.DEFINE_integer, "steps_per_epoch", 0,
+         "Steps per epoch; 0 = training images // batch size.")
+  _track(f.DEFINE_integer, "seed", 0, "Seed of weights, data order and augmentation.")
+  _track(f.DEFINE_string, "strategy", "default",
+         "default (one device), mirrored (all local GPUs, or --num_cpu_devices CPUs), "
+         "multi_worker (TF_CONFIG).")
+  _track(f.DEFINE_integer, "num_cpu_devices", 0,
+         "With --strategy=mirrored and no GPU: split the CPU into this many devices.")
+  _track(f.DEFINE_integer, "keep_checkpoints", 3, "Checkpoints kept in the workdir.")
+  _track(f.DEFINE_integer, "log_every_steps", 10, "TensorBoard scalar interval, in steps.")
+  _track(f.DEFINE_integer, "probe_epochs", 100,
+         "Epochs of the linear probe after pretraining; 0 skips the probe.")
+  _track(f.DEFINE_bool, "probe_random", True,
+         "Also probe a randomly initialised encoder of the same architecture.")
+  _track(f.DEFINE_bool, "jit_compile", False, "Compile the training step with XLA.")
+  _track(f.DEFINE_string, "mixed_precision", "none", "none, float16 or bfloat16.")
+  _track(f.DEFINE_string, "verbose", "auto",
+         "Keras fit verbosity: auto (progress bar on a terminal, a line per epoch "
+         "otherwise), 0, 1 or 2.")
+
+
+def resolved_flagfile(flag_values):
+  """The values of every flag above, as flagfile text (one --name=value a line)."""
+  lines = ["# Resolved flags of this run; rerun with --flagfile=<this file>."]
+  for name in _DEFINED:
+    flag = flag_values[name]
+    value = flag.value
+    if isinstance(value, list):
+      value = ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+      lines.append(f"--{name}" if value else f"--no{name}")
+    else:
+      lines.append(f"--{name}={value}")
+  return "\n".join(lines) + "\n"

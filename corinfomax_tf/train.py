@@ -1,0 +1,219 @@
+r"""Pretrain an encoder with CorInfoMax, then probe it.
+
+    python -m corinfomax_tf.train --flagfile=configs/digits.cfg
+    python -m corinfomax_tf.train --flagfile=configs/cifar10.cfg --workdir=runs/c10
+
+The workdir receives checkpoints (encoder, projector, loss state, optimizer and step),
+flags.cfg (the resolved flags: rerun with --flagfile=<workdir>/flags.cfg),
+config.json, TensorBoard logs under train/ and eval/, and summary.json. Running the
+same command again resumes from the latest checkpoint; a finished run is not
+trained again.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags as absl_flags
+from absl import logging as absl_logging
+
+from corinfomax_tf import config as config_lib
+from corinfomax_tf import flags as flags_lib
+
+FLAGS = absl_flags.FLAGS
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be used."""
+
+
+def prepare_workdir(workdir):
+  """Creates the workdir and proves it writable before any work starts."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as fh:
+      fh.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"--workdir={workdir}: cannot write there ({e.strerror})") from None
+
+
+def write_atomic(path, text):
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as fh:
+    fh.write(text)
+  os.replace(tmp, path)
+
+
+def steps_per_epoch(cfg, num_train):
+  if cfg.train.steps_per_epoch:
+    return cfg.train.steps_per_epoch
+  steps = num_train // cfg.train.batch_size
+  if steps < 1:
+    raise config_lib.ConfigError(
+        f"--batch_size={cfg.train.batch_size}: larger than the {num_train} training "
+        f"images of --dataset={cfg.data.dataset}")
+  return steps
+
+
+def run(cfg, flagfile_text=None):
+  """The whole job for a validated Config; returns the summary dict."""
+  # TensorFlow is imported here, after flag validation, so that a bad flag costs
+  # no TensorFlow start-up and logical CPU devices can still be configured.
+  import keras
+  import tensorflow as tf
+
+  from corinfomax_tf import callbacks as callbacks_lib
+  from corinfomax_tf import data as data_lib
+  from corinfomax_tf import distribute
+  from corinfomax_tf import evaluation
+  from corinfomax_tf import schedules
+  from corinfomax_tf import ssl_model
+  from corinfomax_tf.models import resnet
+
+  t = cfg.train
+  prepare_workdir(t.workdir)
+  strategy = distribute.make_strategy(t.strategy, t.num_cpu_devices)
+  replicas = strategy.num_replicas_in_sync
+  if t.batch_size % replicas:
+    raise config_lib.ConfigError(
+        f"--batch_size={t.batch_size}: not divisible by the {replicas} replicas")
+  chief = distribute.is_chief(strategy)
+  ckpt_dir = os.path.join(t.workdir, "checkpoints")
+  if not chief:  # Other workers must save too (collectives), but not over the chief.
+    ckpt_dir = os.path.join(t.workdir, "tmp_workers", f"worker_{strategy.cluster_resolver.task_id}")
+
+  saved = config_lib.load_saved_config(t.workdir)
+  if saved is not None and tf.train.latest_checkpoint(ckpt_dir):
+    config_lib.check_resume_compatible(saved, cfg)
+
+  d = cfg.data
+  source = data_lib.load_source(
+      d.dataset, image_size=d.image_size, data_dir=d.data_dir or None,
+      tfds_data_dir=d.tfds_data_dir or None, train_split=d.train_split,
+      test_split=d.test_split, tfds_download=d.tfds_download, cache=d.cache)
+  spe = steps_per_epoch(cfg, source.num_train)
+  total_steps = spe * t.epochs
+
+  if chief:
+    write_atomic(os.path.join(t.workdir, "config.json"), cfg.to_json())
+    if flagfile_text:
+      write_atomic(os.path.join(t.workdir, "flags.cfg"), flagfile_text)
+
+  keras.utils.set_random_seed(t.seed)
+  if t.mixed_precision != "none":
+    keras.mixed_precision.set_global_policy(f"mixed_{t.mixed_precision}")
+
+  schedule = schedules.WarmupCosine(
+      base_lr=cfg.optim.lr, total_steps=total_steps,
+      warmup_steps=min(cfg.optim.warmup_epochs * spe, total_steps),
+      warmup_start_lr=cfg.optim.warmup_start_lr, min_lr=cfg.optim.min_lr)
+  with strategy.scope():
+    model = ssl_model.build_pretraining_model(
+        cfg.model, cfg.loss, sync_bn=cfg.model.sync_bn and replicas > 1,
+        vector_logs=distribute.is_multi_worker(strategy))
+    optimizer = schedules.ReferenceSGD(schedule, momentum=cfg.optim.momentum,
+                                       l2_weight_decay=cfg.optim.weight_decay)
+    if t.mixed_precision == "float16":
+      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, jit_compile=t.jit_compile)
+    optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(encoder=model.encoder, projector=model.projector,
+                                     loss_state=model.loss_layer, optimizer=optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=t.keep_checkpoints)
+    if manager.latest_checkpoint:
+      checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+      print(f"Resumed from {manager.latest_checkpoint}", flush=True)
+
+  step = int(optimizer.iterations.numpy())
+  summary_path = os.path.join(t.workdir, "summary.json")
+  previous = {}
+  if os.path.exists(summary_path):
+    with open(summary_path) as fh:
+      previous = json.load(fh)
+  summary = dict(previous)
+  summary.update(dataset=d.dataset, steps_per_epoch=spe, total_steps=total_steps,
+                 replicas=replicas, global_batch_size=t.batch_size)
+
+  if step < total_steps:
+    dataset = data_lib.two_view_dataset(
+        source, global_batch_size=t.batch_size, image_size=d.image_size,
+        views=(cfg.augment.view1, cfg.augment.view2), mean=d.mean, std=d.std,
+        seed=t.seed + step, shuffle_buffer=d.shuffle_buffer)
+    throughput = callbacks_lib.Throughput(t.batch_size)
+    cbs = [callbacks_lib.FiniteLossGuard(t.workdir), throughput,
+           callbacks_lib.CheckpointSaver(manager)]
+    if chief:
+      cbs.append(callbacks_lib.ScalarLogger(os.path.join(t.workdir, "train"),
+                                            t.log_every_steps, t.batch_size, schedule))
+    verbose = (1 if sys.stdout.isatty() else 2) if t.verbose == "auto" else int(t.verbose)
+    history = model.fit(dataset, epochs=t.epochs, initial_epoch=step // spe,
+                        steps_per_epoch=spe, callbacks=cbs, verbose=verbose,
+                        shuffle=False)
+    final = {k: float(v[-1][0] if hasattr(v[-1], "__len__") else v[-1])
+             for k, v in history.history.items()}
+    summary.update(final_terms=final, images_per_second=throughput.images_per_second())
+  else:
+    print(f"Already trained: step {step} of {total_steps} in {t.workdir}", flush=True)
+    if "probe" in previous or t.probe_epochs == 0:
+      return previous
+  summary["step"] = int(optimizer.iterations.numpy())
+
+  if t.probe_epochs and chief:
+    def probe(encoder):
+      train_ds = data_lib.eval_dataset(source.train, batch_size=256, image_size=d.image_size,
+                                       mean=d.mean, std=d.std)
+      test_ds = data_lib.eval_dataset(source.test, batch_size=256, image_size=d.image_size,
+                                      mean=d.mean, std=d.std)
+      return evaluation.probe_encoder(encoder, train_ds, test_ds, source.num_classes,
+                                      epochs=t.probe_epochs, seed=t.seed)
+    summary["probe"] = probe(model.encoder)
+    print(f"Linear probe, pretrained encoder: top-1 {summary['probe']['top1']:.2f}%",
+          flush=True)
+    if t.probe_random:
+      keras.utils.set_random_seed(t.seed + 1)
+      random_encoder = resnet.ResNetEncoder(depth=cfg.model.depth, stem=cfg.model.stem,
+                                            width=cfg.model.width, name="random_encoder")
+      summary["random_probe"] = probe(random_encoder)
+      print(f"Linear probe, random encoder:     top-1 "
+            f"{summary['random_probe']['top1']:.2f}%", flush=True)
+    writer = tf.summary.create_file_writer(os.path.join(t.workdir, "eval"))
+    with writer.as_default(step=summary["step"]):
+      for key in ("probe", "random_probe"):
+        for metric, value in summary.get(key, {}).items():
+          tf.summary.scalar(f"{key}/{metric}", value)
+    writer.flush()
+  if chief:
+    write_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True))
+    print(json.dumps(summary, sort_keys=True), flush=True)
+  return summary
+
+
+def main(argv):
+  if not FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+  try:
+    cfg = config_lib.from_flags(FLAGS)
+  except config_lib.ConfigError as e:
+    _fail(str(e))
+  from corinfomax_tf import callbacks as callbacks_lib
+  from corinfomax_tf import data as data_lib
+  try:
+    run(cfg, flags_lib.resolved_flagfile(FLAGS))
+  except (config_lib.ConfigError, data_lib.DataError, WorkdirError,
+          callbacks_lib.NonFiniteLossError) as e:
+    _fail(str(e))
+
+
+def _fail(message):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags_lib.define_flags()
+  app.run(main)
