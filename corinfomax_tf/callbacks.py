@@ -32,7 +32,7 @@ class FiniteLossGuard(keras.callbacks.Callback):
     if not math.isfinite(loss):
       step = int(self.model.optimizer.iterations.numpy())
       raise NonFiniteLossError(
-          f"loss is {loss} at step {step}: training stopped; the last good checkpoint "
+          f"loss is {loss} after step {step}: training stopped; the last good checkpoint "
           f"in {self.workdir} is kept (lower --lr, raise --eps, or check the data)")
 
 

@@ -14,7 +14,10 @@ import json
 import os
 import sys
 
-from absl import app
+# Before TensorFlow is imported: keep its C++ start-up chatter (INFO) off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app  # noqa: E402
 from absl import flags as absl_flags
 from absl import logging as absl_logging
 
@@ -149,9 +152,19 @@ def run(cfg, flagfile_text=None):
       cbs.append(callbacks_lib.ScalarLogger(os.path.join(t.workdir, "train"),
                                             t.log_every_steps, t.batch_size, schedule))
     verbose = (1 if sys.stdout.isatty() else 2) if t.verbose == "auto" else int(t.verbose)
-    history = model.fit(dataset, epochs=t.epochs, initial_epoch=step // spe,
-                        steps_per_epoch=spe, callbacks=cbs, verbose=verbose,
-                        shuffle=False)
+    try:
+      history = model.fit(dataset, epochs=t.epochs, initial_epoch=step // spe,
+                          steps_per_epoch=spe, callbacks=cbs, verbose=verbose,
+                          shuffle=False)
+    except tf.errors.InvalidArgumentError as e:
+      # Some Cholesky kernels raise instead of returning NaN on a matrix that is
+      # not positive definite: the same failure as a non-finite loss.
+      if "holesky" not in str(e):
+        raise
+      raise callbacks_lib.NonFiniteLossError(
+          f"R + eps*I is not positive definite after step "
+          f"{int(optimizer.iterations.numpy())}: training stopped; the last good "
+          f"checkpoint in {t.workdir} is kept (lower --lr or raise --eps)") from None
     final = {k: float(v[-1][0] if hasattr(v[-1], "__len__") else v[-1])
              for k, v in history.history.items()}
     summary.update(final_terms=final, images_per_second=throughput.images_per_second())
@@ -214,6 +227,14 @@ def _fail(message):
   sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's parser, with a parsing error reported as one line naming the flag."""
+  try:
+    return FLAGS(argv)
+  except absl_flags.Error as e:
+    _fail(f"{e}; see --helpfull")
+
+
 if __name__ == "__main__":
   flags_lib.define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

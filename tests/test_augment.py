@@ -1,0 +1,84 @@
+"""Augmentation ops: ranges, shapes, seeds, eager == inside tf.data."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from corinfomax_tf import augment
+
+VIEW = augment.ViewConfig(blur_prob=0.5, solarize_prob=0.5)
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def image(h=20, w=28, seed=0):
+  return tf.constant(np.random.RandomState(seed).rand(h, w, 3).astype(np.float32))
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), (20, 28), (100, 9), (9, 100)])
+def test_crop_box_lies_inside_the_image(h, w):
+  for s in range(50):
+    top, left, ch, cw = [int(v) for v in augment.random_resized_crop_box(
+        h, w, (0.08, 1.0), (3 / 4, 4 / 3), tf.constant([s, 1]))]
+    assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
+    assert ch >= 1 and cw >= 1
+
+
+def test_crop_area_follows_the_scale_range():
+  areas = []
+  for s in range(200):
+    _, _, ch, cw = augment.random_resized_crop_box(64, 64, (0.5, 1.0), (1.0, 1.0),
+                                                   tf.constant([s, 2]))
+    areas.append(int(ch) * int(cw) / 64 ** 2)
+  assert 0.45 <= min(areas) and max(areas) <= 1.0 and np.mean(areas) > 0.65
+
+
+def test_augment_view_shape_range_and_seed_determinism():
+  x = image()
+  a = augment.augment_view(x, 16, VIEW, MEAN, STD, tf.constant([3, 4]))
+  b = augment.augment_view(x, 16, VIEW, MEAN, STD, tf.constant([3, 4]))
+  c = augment.augment_view(x, 16, VIEW, MEAN, STD, tf.constant([5, 4]))
+  assert a.shape == (16, 16, 3)
+  np.testing.assert_array_equal(a.numpy(), b.numpy())
+  assert not np.allclose(a.numpy(), c.numpy())
+  raw = a.numpy() * 0.25 + 0.5  # undo the normalisation
+  assert raw.min() >= -1e-6 and raw.max() <= 1 + 1e-6
+
+
+def test_eager_equals_tf_data():
+  x = image()
+  seeds = [tf.constant([i, 7], tf.int64) for i in range(6)]
+  eager = [augment.augment_view(x, 12, VIEW, MEAN, STD, s).numpy() for s in seeds]
+  ds = tf.data.Dataset.from_tensor_slices(tf.stack(seeds)).map(
+      lambda s: augment.augment_view(x, 12, VIEW, MEAN, STD, s))
+  for got, want in zip(ds, eager):
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+
+
+def test_photometric_ops():
+  x = image()
+  np.testing.assert_allclose(augment.solarize(tf.constant([0.2, 0.5, 0.9])).numpy(),
+                             [0.2, 0.5, 0.1], atol=1e-7)
+  g = augment.grayscale(x).numpy()
+  np.testing.assert_allclose(g[..., 0], g[..., 2])
+  flat = tf.fill((10, 10, 3), 0.3)
+  np.testing.assert_allclose(augment.gaussian_blur(flat, 1.5).numpy(), 0.3, atol=1e-6)
+  blurred = augment.gaussian_blur(x, 2.0).numpy()
+  assert blurred.std() < x.numpy().std()
+  np.testing.assert_allclose(augment.adjust_saturation(x, 0.0).numpy(),
+                             augment.grayscale(x).numpy(), atol=1e-6)
+  assert augment.color_jitter(x, 0.4, 0.4, 0.2, 0.1, tf.constant([1, 1])).shape == x.shape
+
+
+def test_flip_probability_extremes():
+  x = image()
+  np.testing.assert_array_equal(augment.random_flip(x, 1.0, tf.constant([0, 0])),
+                                x.numpy()[:, ::-1])
+  np.testing.assert_array_equal(augment.random_flip(x, 0.0, tf.constant([0, 0])), x)
+
+
+def test_eval_view_resizes_and_centre_crops():
+  out = augment.eval_view(image(40, 60), 16, MEAN, STD)
+  assert out.shape == (16, 16, 3)
+  same = image(16, 16)
+  np.testing.assert_allclose(augment.eval_view(same, 16, MEAN, STD).numpy(),
+                             (same.numpy() - 0.5) / 0.25, atol=1e-6)

@@ -1,0 +1,142 @@
+"""The training command end to end, in subprocesses: outputs, resume, bad input."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.cfg")
+
+
+def train(*args, timeout=300):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", "corinfomax_tf.train", *args],
+                        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def checkpoints(workdir):
+  return sorted(int(p.rsplit("-", 1)[1].split(".")[0])
+                for p in glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index")))
+
+
+def summary(workdir):
+  with open(os.path.join(workdir, "summary.json")) as fh:
+    return json.load(fh)
+
+
+def event_tags(logdir):
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(logdir, size_guidance={"tensors": 0})
+  acc.Reload()
+  return acc
+
+
+def test_short_run_on_generated_images_writes_everything(tmp_path):
+  data_dir = helpers.write_image_folder(str(tmp_path / "images"), classes=2, per_class=12)
+  workdir = str(tmp_path / "run")
+  result = train(f"--flagfile={SMOKE}", "--dataset=folder", f"--data_dir={data_dir}",
+                 "--normalization=imagenet", "--batch_size=8", "--steps_per_epoch=2",
+                 f"--workdir={workdir}", "--probe_epochs=20")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert checkpoints(workdir) == [2, 4]
+  s = summary(workdir)
+  assert s["step"] == 4 and s["total_steps"] == 4
+  assert set(s["final_terms"]) >= {"loss", "attraction", "cov", "logdet1", "logdet2"}
+  assert s["images_per_second"] > 0
+  assert 0 <= s["probe"]["top1"] <= 100
+  acc = event_tags(os.path.join(workdir, "train"))
+  tags = acc.Tags()["tensors"]
+  for tag in ("loss/total", "loss/attraction", "loss/cov", "optim/learning_rate"):
+    assert tag in tags
+  logged = [e.step for e in acc.Tensors("loss/total")]
+  assert logged == [1, 2, 3, 4]
+  with open(os.path.join(workdir, "flags.cfg")) as fh:
+    flagfile = fh.read()
+  assert f"--data_dir={data_dir}" in flagfile and "--batch_size=8" in flagfile
+  with open(os.path.join(workdir, "config.json")) as fh:
+    assert json.load(fh)["model"]["width"] == 4
+
+
+def test_rerun_resumes_and_a_finished_run_does_not_train_twice(tmp_path):
+  workdir = str(tmp_path / "run")
+  first = train(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--epochs=1")
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert checkpoints(workdir) == [3]
+  # Rerun from the resolved flags, asking for more epochs: resumes at step 3.
+  longer = train(f"--flagfile={workdir}/flags.cfg", "--epochs=2")
+  assert longer.returncode == 0, longer.stderr[-3000:]
+  assert "Resumed from" in longer.stdout and "Epoch 2/2" in longer.stdout
+  assert "Epoch 1/2" not in longer.stdout
+  assert checkpoints(workdir) == [3, 6] and summary(workdir)["step"] == 6
+  mtime = os.path.getmtime(os.path.join(workdir, "checkpoints", "ckpt-6.index"))
+  again = train(f"--flagfile={workdir}/flags.cfg")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Already trained: step 6 of 6" in again.stdout
+  assert "Epoch" not in again.stdout
+  assert os.path.getmtime(os.path.join(workdir, "checkpoints", "ckpt-6.index")) == mtime
+
+
+def test_killed_run_resumes_to_the_same_step_count(tmp_path):
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  args = [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
+          f"--workdir={workdir}", "--epochs=30", "--steps_per_epoch=2"]
+  proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env=env, cwd=ROOT)
+  deadline = time.time() + 240
+  while not checkpoints(workdir) and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = checkpoints(workdir)
+  assert done and done[-1] < 60, done
+  result = train(f"--flagfile={workdir}/flags.cfg", "--probe_epochs=0")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Resumed from {workdir}/checkpoints/ckpt-{done[-1]}" in result.stdout
+  assert checkpoints(workdir)[-1] == 60
+  assert summary(workdir)["step"] == 60
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  assert train(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--epochs=1").returncode == 0
+  before = open(os.path.join(workdir, "checkpoints", "checkpoint")).read()
+  result = train(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--epochs=3", "--lr=1e30",
+                 "--warmup_epochs=0")
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "after step" in last and workdir in last
+  assert checkpoints(workdir) == [3]
+  assert open(os.path.join(workdir, "checkpoints", "checkpoint")).read() == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--no_such_flag=1"], "no_such_flag"),
+    (["--projector=2048-x-64"], "--projector=2048-x-64"),
+    (["--la_R=1.0"], "--la_R=1.0: must be in [0, 1)"),
+    (["--la_mu=-0.5"], "--la_mu=-0.5"),
+    (["--eps=0"], "--eps=0.0: must be > 0"),
+    (["--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=15"],
+     "--batch_size=15: not divisible by the 2 replicas"),
+    (["--dataset=folder", "--data_dir=/nonexistent/images"],
+     "--data_dir: directory '/nonexistent/images' does not exist"),
+    (["--dataset=cifar10", "--tfds_data_dir=@TMP@"], "--dataset=cifar10: not prepared"),
+    (["--blur_prob=0.5,0.5,0.5"], "--blur_prob=0.5,0.5,0.5"),
+])
+def test_bad_input_gets_one_clear_line_before_training(tmp_path, args, needle):
+  workdir = str(tmp_path / "run")
+  args = [a.replace("@TMP@", str(tmp_path / "tfds")) for a in args]
+  result = train(f"--flagfile={SMOKE}", f"--workdir={workdir}", *args, timeout=120)
+  assert result.returncode != 0
+  lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+  assert needle in lines[-1], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not checkpoints(workdir)
