@@ -30,7 +30,7 @@ class FiniteLossGuard(keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     loss = _scalar(logs["loss"])
     if not math.isfinite(loss):
-      step = int(self.model.optimizer.iterations.numpy())
+      step = int(self.model.step_counter.numpy())
       raise NonFiniteLossError(
           f"loss is {loss} after step {step}: training stopped; the last good checkpoint "
           f"in {self.workdir} is kept (lower --lr, raise --eps, or check the data)")
@@ -47,8 +47,7 @@ class CheckpointSaver(keras.callbacks.Callback):
     if logs and not all(math.isfinite(_scalar(v)) for v in logs.values()):
       raise NonFiniteLossError(f"non-finite metrics at the end of epoch {epoch + 1}: "
                                f"{logs}; no checkpoint written")
-    step = int(self.model.optimizer.iterations.numpy())
-    self.manager.save(checkpoint_number=step)
+    self.manager.save(checkpoint_number=int(self.model.step_counter.numpy()))
 
 
 class ScalarLogger(keras.callbacks.Callback):
@@ -64,7 +63,7 @@ class ScalarLogger(keras.callbacks.Callback):
     self._last_step = None
 
   def on_train_batch_end(self, batch, logs=None):
-    step = int(self.model.optimizer.iterations.numpy())
+    step = int(self.model.step_counter.numpy())
     if step % self.every:
       return
     now = time.perf_counter()
@@ -72,7 +71,8 @@ class ScalarLogger(keras.callbacks.Callback):
       for name, value in logs.items():
         tf.summary.scalar(f"loss/{name}" if name != "loss" else "loss/total",
                           _scalar(value))
-      tf.summary.scalar("optim/learning_rate", float(self.lr_fn(step - 1)))
+      tf.summary.scalar("optim/learning_rate",
+                        float(self.lr_fn(self.model.optimizer.iterations - 1)))
       if self._last_time is not None and step > self._last_step:
         rate = (step - self._last_step) * self.batch / (now - self._last_time)
         tf.summary.scalar("perf/images_per_second", rate)

@@ -38,6 +38,12 @@ class CorInfoMaxModel(keras.Model):
     names = METRIC_NAMES + (("logdet1", "logdet2") if loss_layer.covariance == "per_branch"
                             else ("logdet",))
     self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+    # Training steps taken. Not optimizer.iterations: a float16 loss-scale
+    # optimizer skips updates whose gradients overflow, but the step still counts
+    # for checkpoint numbering and resuming.
+    self.step_counter = keras.Variable(0, dtype="int64", trainable=False,
+                                       name="step_counter",
+                                       aggregation="only_first_replica")
     self.built = True
 
   @property
@@ -57,7 +63,7 @@ class CorInfoMaxModel(keras.Model):
     return self.loss_layer(z1, z2, training=training)
 
   def train_step(self, data):
-    (x1, x2), _ = data
+    x1, x2 = split_views(data)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     with tf.GradientTape() as tape:
       terms = self.compute_loss_terms(x1, x2, training=True)
@@ -68,10 +74,11 @@ class CorInfoMaxModel(keras.Model):
     variables = self.trainable_variables
     grads = tape.gradient(loss, variables)
     self.optimizer.apply(grads, variables)
+    self.step_counter.assign_add(1)
     return self._update_metrics(terms)
 
   def test_step(self, data):
-    (x1, x2), _ = data
+    x1, x2 = split_views(data)
     return self._update_metrics(self.compute_loss_terms(x1, x2, training=False))
 
   def _update_metrics(self, terms):
@@ -81,6 +88,11 @@ class CorInfoMaxModel(keras.Model):
       value = tracker.result()
       logs[name] = tf.reshape(value, [1]) if self.vector_logs else value
     return logs
+
+
+def split_views(data):
+  """(B, 2, H, W, C) stacked views -> (view1, view2)."""
+  return data[:, 0], data[:, 1]
 
 
 def build_pretraining_model(model_cfg, loss_cfg, sync_bn=False, vector_logs=False):

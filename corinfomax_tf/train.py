@@ -124,13 +124,14 @@ def run(cfg, flagfile_text=None):
     model.compile(optimizer=optimizer, jit_compile=t.jit_compile)
     optimizer.build(model.trainable_variables)
     checkpoint = tf.train.Checkpoint(encoder=model.encoder, projector=model.projector,
-                                     loss_state=model.loss_layer, optimizer=optimizer)
+                                     loss_state=model.loss_layer, optimizer=optimizer,
+                                     step=model.step_counter)
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=t.keep_checkpoints)
     if manager.latest_checkpoint:
       checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
       print(f"Resumed from {manager.latest_checkpoint}", flush=True)
 
-  step = int(optimizer.iterations.numpy())
+  step = int(model.step_counter.numpy())
   summary_path = os.path.join(t.workdir, "summary.json")
   previous = {}
   if os.path.exists(summary_path):
@@ -163,7 +164,7 @@ def run(cfg, flagfile_text=None):
         raise
       raise callbacks_lib.NonFiniteLossError(
           f"R + eps*I is not positive definite after step "
-          f"{int(optimizer.iterations.numpy())}: training stopped; the last good "
+          f"{int(model.step_counter.numpy())}: training stopped; the last good "
           f"checkpoint in {t.workdir} is kept (lower --lr or raise --eps)") from None
     final = {k: float(v[-1][0] if hasattr(v[-1], "__len__") else v[-1])
              for k, v in history.history.items()}
@@ -172,7 +173,7 @@ def run(cfg, flagfile_text=None):
     print(f"Already trained: step {step} of {total_steps} in {t.workdir}", flush=True)
     if "probe" in previous or t.probe_epochs == 0:
       return previous
-  summary["step"] = int(optimizer.iterations.numpy())
+  summary["step"] = int(model.step_counter.numpy())
 
   if t.probe_epochs and chief:
     def probe(encoder):

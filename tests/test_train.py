@@ -140,3 +140,55 @@ def test_bad_input_gets_one_clear_line_before_training(tmp_path, args, needle):
   assert needle in lines[-1], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
   assert not checkpoints(workdir)
+
+
+@pytest.mark.parametrize("args", [["--mixed_precision=bfloat16"],
+                                  ["--mixed_precision=float16"],
+                                  ["--jit_compile"]])
+def test_mixed_precision_and_xla_keep_the_state_float64(tmp_path, args):
+  import numpy as np
+  import tensorflow as tf
+  workdir = str(tmp_path / "run")
+  result = train(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--probe_epochs=0", *args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  s = summary(workdir)
+  assert s["step"] == 6   # skipped float16 updates still count as steps
+  assert all(np.isfinite(v) for v in s["final_terms"].values())
+  reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints"))
+  dtypes = reader.get_variable_to_dtype_map()
+  state = {k: v for k, v in dtypes.items() if k.startswith("loss_state/")}
+  assert len(state) == 4 and all(v == tf.float64 for v in state.values())
+  R1 = reader.get_tensor("loss_state/R1/.ATTRIBUTES/VARIABLE_VALUE")
+  assert not np.allclose(R1, np.eye(R1.shape[0]))  # the state was updated
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_worker_processes_on_loopback_train_together(tmp_path):
+  """MultiWorkerMirroredStrategy from TF_CONFIG: two processes, one global batch."""
+  workdir = str(tmp_path / "run")
+  cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+  procs = []
+  for index in range(2):
+    tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, TF_CONFIG=tf_config)
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
+         f"--workdir={workdir}", "--strategy=multi_worker", "--probe_epochs=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  epoch_lines = [[l for l in out.splitlines() if "loss:" in l] for out, _ in outputs]
+  assert len(epoch_lines[0]) == 2
+  # Both workers log the loss of the same global batch.
+  assert [l.split("attraction:")[1] for l in epoch_lines[0]] == \
+         [l.split("attraction:")[1] for l in epoch_lines[1]]
+  s = summary(workdir)
+  assert s["replicas"] == 2 and s["step"] == 6
+  assert checkpoints(workdir) == [3, 6]

@@ -1,0 +1,76 @@
+"""Flags -> frozen config: every shipped flagfile parses, bad values are named."""
+
+import glob
+import os
+
+import pytest
+from absl import flags
+
+from corinfomax_tf import config
+from corinfomax_tf import flags as flags_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+flags_lib.define_flags()
+FLAGS = flags.FLAGS
+
+
+def parse(*args):
+  FLAGS.unparse_flags()
+  FLAGS(["prog", *args])
+  return config.from_flags(FLAGS)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.cfg"))))
+def test_every_flagfile_parses_and_opens_with_comments(path):
+  # Image-folder configs need the user's --data_dir; validation does not read it.
+  cfg = parse(f"--flagfile={path}", "--data_dir=/data/images")
+  with open(path) as fh:
+    first = fh.readline()
+  assert first.startswith("# ")
+  assert cfg.loss.eps == 1e-8
+
+
+def test_paper_settings():
+  c10 = parse(f"--flagfile={ROOT}/configs/cifar10.cfg")
+  assert (c10.loss.alpha, c10.model.projector, c10.train.batch_size) == (250, "2048-2048-64", 512)
+  assert c10.augment.view1.blur_prob == 1.0 and c10.augment.view2.blur_prob == 0.1
+  assert c10.augment.view1.solarize_prob == 0.0 and c10.augment.view2.solarize_prob == 0.2
+  assert c10.data.mean == config.NORMALIZATIONS["cifar10"][0]
+  in1k = parse(f"--flagfile={ROOT}/configs/imagenet1k.cfg")
+  assert in1k.model.projector_bn and in1k.loss.la_R == 0.1 and in1k.loss.alpha == 2000
+  tiny = parse(f"--flagfile={ROOT}/configs/tiny_imagenet.cfg", "--data_dir=/d")
+  assert (tiny.model.depth, tiny.loss.la_mu, tiny.data.image_size) == (50, 0.1, 64)
+
+
+def test_resolved_flagfile_round_trips():
+  cfg = parse(f"--flagfile={ROOT}/configs/cifar100.cfg", "--workdir=/tmp/x", "--nol2_normalize")
+  text = flags_lib.resolved_flagfile(FLAGS)
+  path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "resolved_test.cfg")
+  with open(path, "w") as fh:
+    fh.write(text)
+  assert parse(f"--flagfile={path}") == cfg
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--projector=64-"], "--projector=64-: must be positive integers"),
+    (["--la_R=1.5"], "--la_R=1.5: must be in [0, 1)"),
+    (["--eps=-1"], "--eps=-1.0: must be > 0"),
+    (["--batch_size=1"], "--batch_size=1"),
+    (["--strategy=tpu"], "--strategy=tpu"),
+    (["--hflip_prob=2"], "--hflip_prob=2.0: must be a probability"),
+    (["--solarize_prob=0.1,x"], "--solarize_prob=0.1,x"),
+    (["--dataset=folder"], "--data_dir=''"),
+    (["--normalization=mnist"], "--normalization=mnist"),
+])
+def test_bad_values_name_the_flag(args, message):
+  with pytest.raises(config.ConfigError) as info:
+    parse(*args)
+  assert message in str(info.value)
+
+
+def test_resume_compatibility_names_the_changed_flag():
+  cfg = parse("--depth=18")
+  saved = cfg.to_dict()
+  config.check_resume_compatible(saved, parse("--depth=18", "--lr=0.1"))
+  with pytest.raises(config.ConfigError, match="--depth=50: the workdir"):
+    config.check_resume_compatible(saved, parse("--depth=50"))
