@@ -70,3 +70,12 @@ def test_tfds_not_prepared_fails_at_once_without_download(tmp_path):
                      tfds_download=False)
   with pytest.raises(data.DataError, match="--dataset=no_such_set_xyz"):
     data.load_source("no_such_set_xyz", image_size=32, tfds_data_dir=str(tmp_path))
+
+
+def test_tfds_download_offline_fails_at_once_with_one_line(tmp_path, monkeypatch):
+  # The network check is replaced: tests must never reach out.
+  monkeypatch.setattr(data, "_network_reachable", lambda *a, **k: False)
+  with pytest.raises(data.DataError, match="network is unreachable") as info:
+    data.load_source("cifar10", image_size=32, tfds_data_dir=str(tmp_path),
+                     tfds_download=True)
+  assert "\n" not in str(info.value)
