@@ -50,6 +50,15 @@ class CheckpointSaver(keras.callbacks.Callback):
     self.manager.save(checkpoint_number=int(self.model.step_counter.numpy()))
 
 
+def scalar_tag(name):
+  """TensorBoard tag of a training log key."""
+  if name == "loss":
+    return "loss/total"
+  if name.startswith("probe_"):
+    return "online_probe/" + name[len("probe_"):]
+  return f"loss/{name}"
+
+
 class ScalarLogger(keras.callbacks.Callback):
   """Writes the loss terms, learning rate and images/s to TensorBoard every N steps."""
 
@@ -69,8 +78,7 @@ class ScalarLogger(keras.callbacks.Callback):
     now = time.perf_counter()
     with self.writer.as_default(step=step):
       for name, value in logs.items():
-        tf.summary.scalar(f"loss/{name}" if name != "loss" else "loss/total",
-                          _scalar(value))
+        tf.summary.scalar(scalar_tag(name), _scalar(value))
       tf.summary.scalar("optim/learning_rate",
                         float(self.lr_fn(self.model.optimizer.iterations - 1)))
       if self._last_time is not None and step > self._last_step:
@@ -111,3 +119,37 @@ class Throughput(keras.callbacks.Callback):
     seconds = sum(s for s, _ in timed)
     steps = sum(n for _, n in timed)
     return steps * self.batch / seconds if seconds > 0 else float("nan")
+
+
+class KNNMonitor(keras.callbacks.Callback):
+  """kNN top-1 of the frozen encoder on the test split every N epochs (and at the
+  end), written to TensorBoard under eval/ and printed."""
+
+  def __init__(self, train_ds, test_ds, num_classes, every_epochs, ks, temperature,
+               logdir):
+    super().__init__()
+    self.train_ds = train_ds
+    self.test_ds = test_ds
+    self.num_classes = num_classes
+    self.every = every_epochs
+    self.ks = ks
+    self.temperature = temperature
+    self.writer = tf.summary.create_file_writer(logdir)
+    self.last = {}
+
+  def on_epoch_end(self, epoch, logs=None):
+    if (epoch + 1) % self.every:
+      return
+    from corinfomax_tf import evaluation
+    encoder = self.model.encoder
+    train_x, train_y = evaluation.extract_features(encoder, self.train_ds)
+    test_x, test_y = evaluation.extract_features(encoder, self.test_ds)
+    self.last = evaluation.knn_evaluate(train_x, train_y, test_x, test_y, self.num_classes,
+                                        ks=self.ks, temperature=self.temperature)
+    step = int(self.model.step_counter.numpy())
+    with self.writer.as_default(step=step):
+      for name, value in self.last.items():
+        tf.summary.scalar(f"knn/{name}", value)
+    self.writer.flush()
+    print("kNN (epoch %d): %s" % (epoch + 1, ", ".join(
+        f"{k} {v:.2f}%" for k, v in self.last.items())), flush=True)

@@ -95,6 +95,11 @@ class TrainConfig:
   log_every_steps: int = 10
   probe_epochs: int = 100
   probe_random: bool = True
+  online_probe: bool = False
+  online_probe_lr: float = 0.1
+  knn_every_epochs: int = 0
+  knn_k: tuple = (20, 200)
+  knn_temperature: float = 0.07
   jit_compile: bool = False
   mixed_precision: str = "none"
   verbose: str = "auto"
@@ -220,6 +225,15 @@ def from_flags(f):
   _check(f.keep_checkpoints >= 1, "keep_checkpoints", f.keep_checkpoints, "must be >= 1")
   _check(f.log_every_steps >= 1, "log_every_steps", f.log_every_steps, "must be >= 1")
   _check(f.probe_epochs >= 0, "probe_epochs", f.probe_epochs, "must be >= 0")
+  _check(f.online_probe_lr > 0, "online_probe_lr", f.online_probe_lr, "must be > 0")
+  _check(f.knn_every_epochs >= 0, "knn_every_epochs", f.knn_every_epochs, "must be >= 0")
+  try:
+    knn_k = tuple(int(k) for k in f.knn_k)
+  except ValueError:
+    knn_k = ()
+  _check(knn_k and all(k >= 1 for k in knn_k), "knn_k", ",".join(f.knn_k),
+         "must be positive integers")
+  _check(f.knn_temperature > 0, "knn_temperature", f.knn_temperature, "must be > 0")
   _check(f.mixed_precision in MIXED_PRECISION, "mixed_precision", f.mixed_precision,
          f"must be one of {MIXED_PRECISION}")
   _check(f.verbose in ("auto", "0", "1", "2"), "verbose", f.verbose,
@@ -229,7 +243,10 @@ def from_flags(f):
                       num_cpu_devices=f.num_cpu_devices,
                       keep_checkpoints=f.keep_checkpoints,
                       log_every_steps=f.log_every_steps, probe_epochs=f.probe_epochs,
-                      probe_random=f.probe_random, jit_compile=f.jit_compile,
+                      probe_random=f.probe_random, online_probe=f.online_probe,
+                      online_probe_lr=f.online_probe_lr,
+                      knn_every_epochs=f.knn_every_epochs, knn_k=knn_k,
+                      knn_temperature=f.knn_temperature, jit_compile=f.jit_compile,
                       mixed_precision=f.mixed_precision, verbose=f.verbose)
   return Config(data=data, augment=_views(f), model=model, loss=loss, optim=optim,
                 train=train)

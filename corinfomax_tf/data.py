@@ -191,11 +191,10 @@ def load_source(dataset, *, image_size, data_dir=None, tfds_data_dir=None,
 
 def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
                      seed, shuffle_buffer=10000, deterministic=False):
-  """Infinite dataset of (global_batch_size, 2, size, size, 3) two-view batches.
+  """Infinite dataset of (views, labels) batches of `global_batch_size`.
 
-  The views are stacked into one tensor, without labels: Keras' fit under
-  MultiWorkerMirroredStrategy reduces a first batch to build the model and fails on
-  nested structures (Keras 3.15), and pretraining needs no labels.
+  views is (batch, 2, size, size, 3): both views stacked in one tensor. Labels are
+  used only by the optional online probe, never by the loss.
 
   Decoded images are cached when the source is small; each element gets its own
   augmentation seed from a seeded random stream, so that parallel maps stay
@@ -218,8 +217,7 @@ def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
     s1, s2 = tf.unstack(tf.random.experimental.stateless_split(base, num=2))
     x1 = augment.augment_view(image, image_size, view1, mean, std, s1)
     x2 = augment.augment_view(image, image_size, view2, mean, std, s2)
-    del label
-    return tf.stack([x1, x2])
+    return tf.stack([x1, x2]), label
 
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=deterministic or None)

@@ -29,11 +29,14 @@ def extract_features(encoder, dataset):
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes, *, epochs=100,
-                 batch_size=256, learning_rate=1e-3, seed=0):
+                 batch_size=256, learning_rate=1e-3, seed=0, min_steps=500):
   """Trains a linear softmax classifier on standardised features.
 
+  Runs at least `min_steps` updates (small sets have few batches per epoch).
   Returns {"top1": ..., "top5": ...} on the test features, in percent.
   """
+  steps_per_epoch = -(-len(train_y) // batch_size)
+  epochs = max(epochs, -(-min_steps // steps_per_epoch))
   if train_y.min() < 0 or train_y.max() >= num_classes:
     raise ValueError(f"labels must be in [0, {num_classes}). "
                      f"Received: labels in [{train_y.min()}, {train_y.max()}]")
@@ -70,3 +73,33 @@ def probe_encoder(encoder, train_ds, test_ds, num_classes, *, epochs=100, seed=0
   test_x, test_y = extract_features(encoder, test_ds)
   return linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=epochs,
                       seed=seed)
+
+
+def knn_classify(train_x, train_y, test_x, num_classes, *, k=200, temperature=0.07,
+                 chunk=1024):
+  """Weighted kNN on cosine similarity (Wu et al. 2018, as the SSL literature reports
+  it): the k most similar training features vote for their class with weight
+  exp(similarity / temperature). Returns class scores (num_test, num_classes)."""
+  train = tf.math.l2_normalize(tf.constant(train_x, tf.float32), axis=1)
+  labels = tf.constant(train_y, tf.int64)
+  k = min(k, train_x.shape[0])
+  scores = []
+  for start in range(0, test_x.shape[0], chunk):
+    query = tf.math.l2_normalize(tf.constant(test_x[start:start + chunk], tf.float32), 1)
+    sim = tf.matmul(query, train, transpose_b=True)
+    top_sim, top_idx = tf.math.top_k(sim, k=k)
+    weights = tf.exp(top_sim / temperature)
+    votes = tf.one_hot(tf.gather(labels, top_idx), num_classes) * weights[..., None]
+    scores.append(tf.reduce_sum(votes, axis=1).numpy())
+  return np.concatenate(scores)
+
+
+def knn_evaluate(train_x, train_y, test_x, test_y, num_classes, *, ks=(20, 200),
+                 temperature=0.07):
+  """{"k20_top1": ..., "k200_top1": ...} in percent."""
+  result = {}
+  for k in ks:
+    scores = knn_classify(train_x, train_y, test_x, num_classes, k=k,
+                          temperature=temperature)
+    result[f"k{k}_top1"] = topk_accuracy(scores, test_y, ks=(1,))["top1"]
+  return result

@@ -15,8 +15,9 @@ def _track(define, name, *args, **kwargs):
   _DEFINED.append(name)
 
 
-def define_flags():
-  if _DEFINED:
+def define_data_flags():
+  """The data-set flags shared by training and the evaluation commands."""
+  if "dataset" in _DEFINED:
     return
   f = flags
   # Data.
@@ -32,6 +33,14 @@ def define_flags():
   _track(f.DEFINE_string, "train_split", "train", "Split (or sub-folder) to pretrain on.")
   _track(f.DEFINE_string, "test_split", "test", "Split (or sub-folder) for the probe's test.")
   _track(f.DEFINE_integer, "image_size", 32, "Training crop size.")
+
+
+def define_flags():
+  """Every flag of the pretraining command."""
+  if "depth" in _DEFINED:
+    return
+  f = flags
+  define_data_flags()
   _track(f.DEFINE_string, "normalization", "auto",
          "Per-channel mean/std: auto (by data set), cifar10, cifar100, imagenet, digits.")
   _track(f.DEFINE_bool, "cache", False, "Cache decoded images of an image folder in memory.")
@@ -93,6 +102,13 @@ def define_flags():
          "Epochs of the linear probe after pretraining; 0 skips the probe.")
   _track(f.DEFINE_bool, "probe_random", True,
          "Also probe a randomly initialised encoder of the same architecture.")
+  _track(f.DEFINE_bool, "online_probe", False,
+         "Train a linear head on stop-gradient features alongside (logs probe_top1).")
+  _track(f.DEFINE_float, "online_probe_lr", 0.1, "Learning rate of the online probe.")
+  _track(f.DEFINE_integer, "knn_every_epochs", 0,
+         "kNN top-1 on the test split every N epochs (0: off).")
+  _track(f.DEFINE_list, "knn_k", ["20", "200"], "Neighbour counts of the kNN monitor.")
+  _track(f.DEFINE_float, "knn_temperature", 0.07, "Temperature of the kNN votes.")
   _track(f.DEFINE_bool, "jit_compile", False, "Compile the training step with XLA.")
   _track(f.DEFINE_string, "mixed_precision", "none", "none, float16 or bfloat16.")
   _track(f.DEFINE_string, "verbose", "auto",

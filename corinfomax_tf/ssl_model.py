@@ -27,16 +27,30 @@ class CorInfoMaxModel(keras.Model):
        tracker is not used, so the logged value is the computed one).
   """
 
-  def __init__(self, encoder, projector, loss_layer, vector_logs=False, **kwargs):
+  def __init__(self, encoder, projector, loss_layer, vector_logs=False,
+               probe_classes=0, probe_learning_rate=0.1, **kwargs):
     super().__init__(**kwargs)
     self.encoder = encoder
     self.projector = projector
     self.loss_layer = loss_layer
+    # Online linear probe (optional): a linear head on stop-gradient pooled features
+    # of view 1, trained by its own optimizer. It cannot change the encoder's
+    # gradients: its input is cut from the graph and its loss is differentiated
+    # with respect to the head's weights only.
+    self.probe_head = None
+    if probe_classes:
+      self.probe_head = keras.layers.Dense(probe_classes, name="online_probe")
+      self.probe_head.build((None, encoder.feature_dim))
+      self.probe_optimizer = keras.optimizers.SGD(probe_learning_rate, momentum=0.9,
+                                                  name="probe_sgd")
+      self.probe_optimizer.build(self.probe_head.trainable_variables)
     # MultiWorkerMirroredStrategy's fit cannot reduce scalar logs (Keras 3.15):
     # shape-[1] values work there.
     self.vector_logs = vector_logs
     names = METRIC_NAMES + (("logdet1", "logdet2") if loss_layer.covariance == "per_branch"
                             else ("logdet",))
+    if self.probe_head is not None:
+      names += ("probe_loss", "probe_top1")
     self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
     # Training steps taken. Not optimizer.iterations: a float16 loss-scale
     # optimizer skips updates whose gradients overflow, but the step still counts
@@ -50,35 +64,70 @@ class CorInfoMaxModel(keras.Model):
   def metrics(self):
     return list(self.trackers.values())
 
+  @property
+  def pretraining_variables(self):
+    """The weights the CorInfoMax loss trains (the online probe has its own)."""
+    return self.encoder.trainable_variables + self.projector.trainable_variables
+
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    # Everything is built inside the strategy scope before fit. Keras' symbolic
+    # build would reduce a first (views, labels) batch across workers, which fails
+    # on nested data under MultiWorkerMirroredStrategy (Keras 3.15).
+    if self.optimizer is not None and not self.optimizer.built:
+      super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
   def call(self, images, training=False):
     return self.encoder(images, training=training)
 
-  def project(self, images, training):
-    return self.projector(self.encoder(images, training=training), training=training)
-
-  def compute_loss_terms(self, x1, x2, training=True):
+  def compute_loss_terms(self, x1, x2, training=True, return_features=False):
     """Forward pass of both views and the loss on the global batch."""
-    z1 = distribute.gather(self.project(x1, training))
-    z2 = distribute.gather(self.project(x2, training))
-    return self.loss_layer(z1, z2, training=training)
+    h1 = self.encoder(x1, training=training)
+    h2 = self.encoder(x2, training=training)
+    z1 = distribute.gather(self.projector(h1, training=training))
+    z2 = distribute.gather(self.projector(h2, training=training))
+    terms = self.loss_layer(z1, z2, training=training)
+    return (terms, h1) if return_features else terms
 
   def train_step(self, data):
-    x1, x2 = split_views(data)
+    views, labels = data
+    x1, x2 = split_views(views)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     with tf.GradientTape() as tape:
-      terms = self.compute_loss_terms(x1, x2, training=True)
+      terms, features = self.compute_loss_terms(x1, x2, training=True,
+                                                return_features=True)
       # Scale for gradients, not for logs (see the class docstring, point 3).
       loss = tf.cast(terms["loss"], tf.float32) / replicas
       if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
         loss = self.optimizer.scale_loss(loss)
-    variables = self.trainable_variables
+    variables = self.pretraining_variables
     grads = tape.gradient(loss, variables)
     self.optimizer.apply(grads, variables)
     self.step_counter.assign_add(1)
+    if self.probe_head is not None:
+      terms = {**terms, **self._probe_step(tf.stop_gradient(features), labels, replicas)}
     return self._update_metrics(terms)
 
+  def _probe_step(self, features, labels, replicas):
+    head_vars = self.probe_head.trainable_variables
+    with tf.GradientTape() as tape:
+      logits = self.probe_head(tf.cast(features, tf.float32))
+      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels=tf.cast(labels, tf.int32), logits=logits))
+      # Summed over replicas by the optimizer: the mean of the replicas' means.
+      scaled = loss / replicas
+    self.probe_optimizer.apply(tape.gradient(scaled, head_vars), head_vars)
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(labels, tf.int64)),
+                      tf.float32)
+    # Global values for the logs: every replica reports the same numbers.
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+      loss = ctx.all_reduce("mean", loss)
+      correct = distribute.gather(correct)
+    return {"probe_loss": loss, "probe_top1": 100.0 * tf.reduce_mean(correct)}
+
   def test_step(self, data):
-    x1, x2 = split_views(data)
+    views, _ = data
+    x1, x2 = split_views(views)
     return self._update_metrics(self.compute_loss_terms(x1, x2, training=False))
 
   def _update_metrics(self, terms):
@@ -95,7 +144,8 @@ def split_views(data):
   return data[:, 0], data[:, 1]
 
 
-def build_pretraining_model(model_cfg, loss_cfg, sync_bn=False, vector_logs=False):
+def build_pretraining_model(model_cfg, loss_cfg, sync_bn=False, vector_logs=False,
+                            probe_classes=0):
   """Encoder, projector and loss layer from config objects (call inside a scope)."""
   encoder = resnet.ResNetEncoder(depth=model_cfg.depth, stem=model_cfg.stem,
                                  width=model_cfg.width, image_size=None,
@@ -109,5 +159,5 @@ def build_pretraining_model(model_cfg, loss_cfg, sync_bn=False, vector_logs=Fals
       la_R=loss_cfg.la_R, la_mu=loss_cfg.la_mu, eps=loss_cfg.eps, R_ini=loss_cfg.R_ini,
       covariance=loss_cfg.covariance, name="corinfomax_loss")
   model = CorInfoMaxModel(encoder, projector, loss_layer, vector_logs=vector_logs,
-                          name="corinfomax")
+                          probe_classes=probe_classes, name="corinfomax")
   return model

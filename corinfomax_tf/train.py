@@ -116,16 +116,20 @@ def run(cfg, flagfile_text=None):
   with strategy.scope():
     model = ssl_model.build_pretraining_model(
         cfg.model, cfg.loss, sync_bn=cfg.model.sync_bn and replicas > 1,
-        vector_logs=distribute.is_multi_worker(strategy))
+        vector_logs=distribute.is_multi_worker(strategy),
+        probe_classes=source.num_classes if t.online_probe else 0)
     optimizer = schedules.ReferenceSGD(schedule, momentum=cfg.optim.momentum,
                                        l2_weight_decay=cfg.optim.weight_decay)
     if t.mixed_precision == "float16":
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, jit_compile=t.jit_compile)
-    optimizer.build(model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(encoder=model.encoder, projector=model.projector,
-                                     loss_state=model.loss_layer, optimizer=optimizer,
-                                     step=model.step_counter)
+    optimizer.build(model.pretraining_variables)
+    tracked = dict(encoder=model.encoder, projector=model.projector,
+                   loss_state=model.loss_layer, optimizer=optimizer, step=model.step_counter)
+    if model.probe_head is not None:
+      model.probe_optimizer.learning_rate = t.online_probe_lr
+      tracked.update(probe_head=model.probe_head, probe_optimizer=model.probe_optimizer)
+    checkpoint = tf.train.Checkpoint(**tracked)
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=t.keep_checkpoints)
     if manager.latest_checkpoint:
       checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
@@ -141,6 +145,10 @@ def run(cfg, flagfile_text=None):
   summary.update(dataset=d.dataset, steps_per_epoch=spe, total_steps=total_steps,
                  replicas=replicas, global_batch_size=t.batch_size)
 
+  def eval_split(split):
+    return data_lib.eval_dataset(split, batch_size=256, image_size=d.image_size,
+                                 mean=d.mean, std=d.std)
+
   if step < total_steps:
     dataset = data_lib.two_view_dataset(
         source, global_batch_size=t.batch_size, image_size=d.image_size,
@@ -152,6 +160,12 @@ def run(cfg, flagfile_text=None):
     if chief:
       cbs.append(callbacks_lib.ScalarLogger(os.path.join(t.workdir, "train"),
                                             t.log_every_steps, t.batch_size, schedule))
+    knn = None
+    if t.knn_every_epochs and chief:
+      knn = callbacks_lib.KNNMonitor(
+          eval_split(source.train), eval_split(source.test), source.num_classes,
+          t.knn_every_epochs, t.knn_k, t.knn_temperature, os.path.join(t.workdir, "eval"))
+      cbs.append(knn)
     verbose = (1 if sys.stdout.isatty() else 2) if t.verbose == "auto" else int(t.verbose)
     try:
       history = model.fit(dataset, epochs=t.epochs, initial_epoch=step // spe,
@@ -169,6 +183,8 @@ def run(cfg, flagfile_text=None):
     final = {k: float(v[-1][0] if hasattr(v[-1], "__len__") else v[-1])
              for k, v in history.history.items()}
     summary.update(final_terms=final, images_per_second=throughput.images_per_second())
+    if knn is not None and knn.last:
+      summary["knn"] = knn.last
   else:
     print(f"Already trained: step {step} of {total_steps} in {t.workdir}", flush=True)
     if "probe" in previous or t.probe_epochs == 0:
@@ -177,11 +193,8 @@ def run(cfg, flagfile_text=None):
 
   if t.probe_epochs and chief:
     def probe(encoder):
-      train_ds = data_lib.eval_dataset(source.train, batch_size=256, image_size=d.image_size,
-                                       mean=d.mean, std=d.std)
-      test_ds = data_lib.eval_dataset(source.test, batch_size=256, image_size=d.image_size,
-                                      mean=d.mean, std=d.std)
-      return evaluation.probe_encoder(encoder, train_ds, test_ds, source.num_classes,
+      return evaluation.probe_encoder(encoder, eval_split(source.train),
+                                      eval_split(source.test), source.num_classes,
                                       epochs=t.probe_epochs, seed=t.seed)
     summary["probe"] = probe(model.encoder)
     print(f"Linear probe, pretrained encoder: top-1 {summary['probe']['top1']:.2f}%",

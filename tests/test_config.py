@@ -20,7 +20,12 @@ def parse(*args):
   return config.from_flags(FLAGS)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.cfg"))))
+PRETRAINING_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.cfg"))
+                             if not os.path.basename(p).startswith("linear_"))
+LINEAR_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "linear_*.cfg")))
+
+
+@pytest.mark.parametrize("path", PRETRAINING_CONFIGS)
 def test_every_flagfile_parses_and_opens_with_comments(path):
   # Image-folder configs need the user's --data_dir; validation does not read it.
   cfg = parse(f"--flagfile={path}", "--data_dir=/data/images")
@@ -74,3 +79,28 @@ def test_resume_compatibility_names_the_changed_flag():
   config.check_resume_compatible(saved, parse("--depth=18", "--lr=0.1"))
   with pytest.raises(config.ConfigError, match="--depth=50: the workdir"):
     config.check_resume_compatible(saved, parse("--depth=50"))
+
+
+def test_linear_eval_flagfiles_parse():
+  """The linear_eval command's own flags, parsed in a separate process (its flags
+  share names with the pretraining command's)."""
+  import subprocess
+  import sys
+  script = (
+      "import sys\n"
+      "from absl import flags\n"
+      "from corinfomax_tf import linear_eval\n"
+      "linear_eval.define_flags()\n"
+      "for path in sys.argv[1:]:\n"
+      "  flags.FLAGS.unparse_flags()\n"
+      "  flags.FLAGS(['x', '--flagfile=' + path])\n"
+      "  assert open(path).readline().startswith('# '), path\n"
+      "  print(path, flags.FLAGS.epochs, flags.FLAGS.batch_size, flags.FLAGS.schedule)\n")
+  result = subprocess.run([sys.executable, "-c", script, *LINEAR_CONFIGS],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == len(LINEAR_CONFIGS) == 6
+  assert all(" 100 256 " in line for line in lines)
+  assert any(line.endswith("step") for line in lines)

@@ -28,8 +28,8 @@ def test_two_view_batches_from_an_image_folder(tmp_path):
   assert (source.num_train, source.num_test, source.num_classes) == (18, 18, 3)
   ds = data.two_view_dataset(source, global_batch_size=4, image_size=12, views=VIEWS,
                              mean=(0.5,) * 3, std=(0.25,) * 3, seed=1)
-  views = next(iter(ds))
-  assert views.shape == (4, 2, 12, 12, 3)
+  views, labels = next(iter(ds))
+  assert views.shape == (4, 2, 12, 12, 3) and labels.dtype == tf.int64
   assert not np.allclose(views[:, 0].numpy(), views[:, 1].numpy())
 
 
@@ -37,9 +37,9 @@ def test_two_view_pipeline_is_reproducible_from_its_seed():
   source = data.digits_source(16)
   kwargs = dict(global_batch_size=8, image_size=16, views=VIEWS, mean=(0.3,) * 3,
                 std=(0.35,) * 3, deterministic=True)
-  a = [b[0].numpy() for b in data.two_view_dataset(source, seed=3, **kwargs).take(2)]
-  b = [b[0].numpy() for b in data.two_view_dataset(source, seed=3, **kwargs).take(2)]
-  c = [b[0].numpy() for b in data.two_view_dataset(source, seed=4, **kwargs).take(2)]
+  a = [b[0][0].numpy() for b in data.two_view_dataset(source, seed=3, **kwargs).take(2)]
+  b = [b[0][0].numpy() for b in data.two_view_dataset(source, seed=3, **kwargs).take(2)]
+  c = [b[0][0].numpy() for b in data.two_view_dataset(source, seed=4, **kwargs).take(2)]
   np.testing.assert_array_equal(a[1], b[1])
   assert not np.allclose(a[1], c[1])
 

@@ -19,7 +19,8 @@ def batches(steps=2, seed=0):
   rs = np.random.RandomState(seed)
   x1 = rs.rand(steps * BATCH, 12, 12, 3).astype("float32")
   x2 = rs.rand(steps * BATCH, 12, 12, 3).astype("float32")
-  return tf.data.Dataset.from_tensor_slices(np.stack([x1, x2], axis=1)).batch(
+  labels = rs.randint(0, 3, steps * BATCH)
+  return tf.data.Dataset.from_tensor_slices((np.stack([x1, x2], axis=1), labels)).batch(
       BATCH, drop_remainder=True)
 
 
@@ -43,7 +44,7 @@ def gradients(model, strategy, dataset):
   @tf.function
   def step(data):
     def fn(data):
-      x1, x2 = ssl_model.split_views(data)
+      x1, x2 = ssl_model.split_views(data[0])
       with tf.GradientTape() as tape:
         terms = model.compute_loss_terms(x1, x2, training=True)
         loss = tf.cast(terms["loss"], tf.float32) / strategy.num_replicas_in_sync
@@ -100,7 +101,7 @@ def test_fit_on_two_replicas_matches_one_replica(strategies, covariance):
 def test_logged_loss_is_the_computed_loss(strategies):
   one, _ = strategies
   model = build(one)
-  x1, x2 = ssl_model.split_views(next(iter(batches(steps=1))))
+  x1, x2 = ssl_model.split_views(next(iter(batches(steps=1)))[0])
   state = {k: tf.identity(v) for k, v in model.loss_layer.state.items()}
   history = model.fit(batches(steps=1), epochs=1, verbose=0, shuffle=False).history
   # Recompute the first step's loss from the starting state with a fresh model.

@@ -44,7 +44,8 @@ def test_short_run_on_generated_images_writes_everything(tmp_path):
   workdir = str(tmp_path / "run")
   result = train(f"--flagfile={SMOKE}", "--dataset=folder", f"--data_dir={data_dir}",
                  "--normalization=imagenet", "--batch_size=8", "--steps_per_epoch=2",
-                 f"--workdir={workdir}", "--probe_epochs=20")
+                 f"--workdir={workdir}", "--probe_epochs=20", "--online_probe",
+                 "--knn_every_epochs=1", "--knn_k=3,10")
   assert result.returncode == 0, result.stderr[-3000:]
   assert checkpoints(workdir) == [2, 4]
   s = summary(workdir)
@@ -52,9 +53,14 @@ def test_short_run_on_generated_images_writes_everything(tmp_path):
   assert set(s["final_terms"]) >= {"loss", "attraction", "cov", "logdet1", "logdet2"}
   assert s["images_per_second"] > 0
   assert 0 <= s["probe"]["top1"] <= 100
+  assert set(s["knn"]) == {"k3_top1", "k10_top1"}
+  assert "probe_top1" in s["final_terms"] and "probe_loss" in s["final_terms"]
+  eval_tags = event_tags(os.path.join(workdir, "eval")).Tags()["tensors"]
+  assert {"knn/k3_top1", "knn/k10_top1", "probe/top1"} <= set(eval_tags)
   acc = event_tags(os.path.join(workdir, "train"))
   tags = acc.Tags()["tensors"]
-  for tag in ("loss/total", "loss/attraction", "loss/cov", "optim/learning_rate"):
+  for tag in ("loss/total", "loss/attraction", "loss/cov", "optim/learning_rate",
+              "online_probe/top1"):
     assert tag in tags
   logged = [e.step for e in acc.Tensors("loss/total")]
   assert logged == [1, 2, 3, 4]

@@ -1,0 +1,242 @@
+"""Export of the encoder alone as a SavedModel, and loading encoders back.
+
+An export holds the encoder (no projector, no loss state) with the training
+normalisation inside the graph, and these endpoints (SavedModel signatures):
+
+  serving_default(images: uint8 [B, H, W, 3])      -> {"features": [B, F]}
+  serve_float(images: float32 in [0, 1])            -> {"features": [B, F]}
+  feature_maps(images: float32 in [0, 1])           -> {"P2": ..., "P5": ...}
+  call_inference(images: float32 in [0, 1])         -> [B, F]  (BatchNorm frozen)
+  call_training(images: float32 in [0, 1])          -> [B, F]  (BatchNorm in training mode)
+
+plus the variable collections `variables`, `trainable_variables` and
+`non_trainable_variables`, so that gradients reach every encoder weight after
+`tf.saved_model.load`, and `keras.layers.TFSMLayer(path, call_endpoint="call_inference",
+call_training_endpoint="call_training")` wraps it as a trainable Keras layer.
+
+What produced the export (architecture, input size, normalisation, step, the whole
+training config) is in `assets.extra/corinfomax_tf.json`, and is returned by the
+`metadata()` function of the loaded object.
+
+Exports are written into step-numbered directories next to the requested path
+(`<export_dir>.steps/<step>/`), each first written under a temporary name and then
+renamed; `<export_dir>` itself is a symbolic link switched atomically to the newest
+step. A reader never sees a half-written export.
+"""
+
+import json
+import os
+import shutil
+
+import keras
+import tensorflow as tf
+
+METADATA_FILE = os.path.join("assets.extra", "corinfomax_tf.json")
+FORMAT = "corinfomax_tf.encoder.v1"
+
+
+class ExportError(ValueError):
+  """An export or encoder path that cannot be used; the message names it."""
+
+
+# ----------------------------------------------------------------------------
+# Restoring the encoder of a training workdir.
+# ----------------------------------------------------------------------------
+
+
+def restore_encoder(workdir, checkpoint=None):
+  """(encoder, config dict, step) from a training workdir's latest (or given)
+  checkpoint; raises ExportError naming the workdir."""
+  from corinfomax_tf.models import resnet
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise ExportError(f"--workdir={workdir}: no config.json (not a training workdir)")
+  with open(config_path) as fh:
+    config = json.load(fh)
+  path = checkpoint or tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  if not path:
+    raise ExportError(f"--workdir={workdir}: holds no checkpoint yet")
+  if not tf.io.gfile.exists(path + ".index"):
+    raise ExportError(f"--checkpoint={path}: no such checkpoint")
+  m = config["model"]
+  encoder = resnet.ResNetEncoder(depth=m["depth"], stem=m["stem"], width=m["width"],
+                                 name="encoder")
+  step = tf.Variable(0, dtype=tf.int64)
+  tf.train.Checkpoint(encoder=encoder, step=step).restore(path).expect_partial()
+  return encoder, config, int(step.numpy())
+
+
+def metadata_for(encoder, config, step, checkpoint_path=""):
+  data = config["data"]
+  return {
+      "format": FORMAT,
+      "architecture": {"depth": encoder.depth, "stem": encoder.stem,
+                       "width": encoder.width, "feature_dim": encoder.feature_dim},
+      "image_size": data["image_size"],
+      "normalization": {"mean": list(data["mean"]), "std": list(data["std"])},
+      "input": "serving_default: uint8 pixels; other endpoints: float32 in [0, 1]",
+      "dataset": data["dataset"],
+      "step": step,
+      "checkpoint": checkpoint_path,
+      "config": config,
+  }
+
+
+# ----------------------------------------------------------------------------
+# Writing.
+# ----------------------------------------------------------------------------
+
+
+def build_archive(encoder, metadata):
+  mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
+  std = tf.constant(metadata["normalization"]["std"], tf.float32)
+  pyramid = encoder.feature_map_model()
+  metadata_json = json.dumps(metadata, sort_keys=True)
+
+  def normalize(images01):
+    return (tf.cast(images01, tf.float32) - mean) / std
+
+  any_uint8 = [tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
+  any_float = [tf.TensorSpec([None, None, None, 3], tf.float32, name="images")]
+  archive = keras.export.ExportArchive()
+  archive.track(encoder)
+  archive.track(pyramid)
+  archive.add_endpoint(
+      "serving_default",
+      lambda images: {"features": encoder(normalize(tf.cast(images, tf.float32) / 255.0),
+                                          training=False)},
+      input_signature=any_uint8)
+  archive.add_endpoint(
+      "serve_float",
+      lambda images: {"features": encoder(normalize(images), training=False)},
+      input_signature=any_float)
+  archive.add_endpoint("feature_maps", lambda images: pyramid(normalize(images), training=False),
+                       input_signature=any_float)
+  archive.add_endpoint("call_inference", lambda images: encoder(normalize(images),
+                                                                training=False),
+                       input_signature=any_float)
+  archive.add_endpoint("call_training", lambda images: encoder(normalize(images),
+                                                               training=True),
+                       input_signature=any_float)
+  archive.add_endpoint("metadata", lambda: tf.constant(metadata_json), input_signature=[])
+  archive.add_variable_collection("variables", encoder.variables)
+  archive.add_variable_collection("trainable_variables", encoder.trainable_variables)
+  archive.add_variable_collection("non_trainable_variables",
+                                  encoder.non_trainable_variables)
+  return archive
+
+
+def steps_dir(export_dir):
+  return os.path.normpath(export_dir) + ".steps"
+
+
+def is_our_export(path):
+  return os.path.isfile(os.path.join(path, METADATA_FILE))
+
+
+def write_export(encoder, metadata, export_dir, overwrite=False):
+  """Writes <export_dir>.steps/<step>/ atomically and points <export_dir> at it.
+
+  Returns the step directory. Refuses (ExportError) an export_dir that exists and
+  is not one of our exports, and an existing step unless `overwrite`.
+  """
+  export_dir = os.path.normpath(export_dir)
+  if os.path.lexists(export_dir) and not os.path.islink(export_dir):
+    raise ExportError(f"--export_dir={export_dir}: exists and is not an export link of "
+                      "corinfomax_tf; choose another path")
+  if os.path.islink(export_dir) and not is_our_export(export_dir):
+    raise ExportError(f"--export_dir={export_dir}: is a link to something that is not a "
+                      "corinfomax_tf export")
+  root = steps_dir(export_dir)
+  os.makedirs(root, exist_ok=True)
+  final = os.path.join(root, str(metadata["step"]))
+  if os.path.exists(final) and not overwrite:
+    raise ExportError(f"--export_dir={export_dir}: step {metadata['step']} is already "
+                      f"exported at {final} (pass --overwrite to replace it)")
+  tmp = os.path.join(root, f".tmp-{metadata['step']}-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  build_archive(encoder, metadata).write_out(tmp, verbose=False)
+  os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+  with open(os.path.join(tmp, METADATA_FILE), "w") as fh:
+    json.dump(metadata, fh, indent=2, sort_keys=True)
+  if os.path.exists(final):
+    old = f"{final}.old-{os.getpid()}"
+    os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old)
+  else:
+    os.rename(tmp, final)
+  _point_link(export_dir, os.path.relpath(final, os.path.dirname(export_dir) or "."))
+  return final
+
+
+def _point_link(link, target):
+  tmp = f"{link}.tmp-link-{os.getpid()}"
+  if os.path.lexists(tmp):
+    os.remove(tmp)
+  os.symlink(target, tmp)
+  os.replace(tmp, link)
+
+
+# ----------------------------------------------------------------------------
+# Loading.
+# ----------------------------------------------------------------------------
+
+
+def read_metadata(path):
+  if not is_our_export(path):
+    raise ExportError(f"--encoder={path}: not a corinfomax_tf encoder export "
+                      f"(no {METADATA_FILE})")
+  with open(os.path.join(path, METADATA_FILE)) as fh:
+    metadata = json.load(fh)
+  if metadata.get("format") != FORMAT:
+    raise ExportError(f"--encoder={path}: export format {metadata.get('format')!r}, "
+                      f"expected {FORMAT!r}")
+  return metadata
+
+
+class FrozenEncoder:
+  """A callable on float images in [0, 1] -> pooled features, from an export or a
+  training workdir, with the export's metadata."""
+
+  def __init__(self, fn, metadata, trainable_variables=(), owner=None):
+    self._fn = fn
+    # The loaded SavedModel (or Keras model) owning the variables: the function
+    # alone does not keep them alive.
+    self._owner = owner
+    self.metadata = metadata
+    self.trainable_variables = list(trainable_variables)
+
+  @property
+  def image_size(self):
+    return self.metadata["image_size"]
+
+  @property
+  def feature_dim(self):
+    return self.metadata["architecture"]["feature_dim"]
+
+  def __call__(self, images01):
+    return self._fn(images01)
+
+
+def load_encoder(path):
+  """An export directory (or its link) or a training workdir -> FrozenEncoder."""
+  if not os.path.exists(path):
+    raise ExportError(f"--encoder={path}: does not exist")
+  if is_our_export(path):
+    metadata = read_metadata(path)
+    loaded = tf.saved_model.load(path)
+    return FrozenEncoder(loaded.call_inference, metadata, loaded.trainable_variables,
+                         owner=loaded)
+  if os.path.isfile(os.path.join(path, "config.json")):
+    encoder, config, step = restore_encoder(path)
+    metadata = metadata_for(encoder, config, step)
+    mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
+    std = tf.constant(metadata["normalization"]["std"], tf.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def call(images01):
+      return encoder((images01 - mean) / std, training=False)
+    return FrozenEncoder(call, metadata, encoder.trainable_variables, owner=encoder)
+  raise ExportError(f"--encoder={path}: neither a corinfomax_tf export nor a training "
+                    "workdir")
