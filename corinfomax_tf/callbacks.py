@@ -1,6 +1,7 @@
 """Training callbacks: checkpoints, the non-finite guard, scalars and throughput."""
 
 import math
+import sys
 import time
 
 import keras
@@ -44,7 +45,8 @@ class CheckpointSaver(keras.callbacks.Callback):
     self.manager = manager
 
   def on_epoch_end(self, epoch, logs=None):
-    if logs and not all(math.isfinite(_scalar(v)) for v in logs.values()):
+    terms = {k: v for k, v in (logs or {}).items() if k in ("loss", "attraction", "cov")}
+    if not all(math.isfinite(_scalar(v)) for v in terms.values()):
       raise NonFiniteLossError(f"non-finite metrics at the end of epoch {epoch + 1}: "
                                f"{logs}; no checkpoint written")
     self.manager.save(checkpoint_number=int(self.model.step_counter.numpy()))
@@ -56,6 +58,8 @@ def scalar_tag(name):
     return "loss/total"
   if name.startswith("probe_"):
     return "online_probe/" + name[len("probe_"):]
+  if name == "grad_norm":
+    return "optim/grad_norm"
   return f"loss/{name}"
 
 
@@ -70,25 +74,34 @@ class ScalarLogger(keras.callbacks.Callback):
     self.lr_fn = learning_rate_fn
     self._last_time = None
     self._last_step = None
+    self._prev_means = {}
 
   def on_train_batch_end(self, batch, logs=None):
+    # Keras' logs are means since the start of the epoch; TensorBoard gets each
+    # step's own value, recovered as (b+1)*mean_b - b*mean_(b-1).
+    means = {k: _scalar(v) for k, v in logs.items()}
+    values = {k: (batch + 1) * m - batch * self._prev_means.get(k, m)
+              for k, m in means.items()}
+    self._prev_means = means
     step = int(self.model.step_counter.numpy())
     if step % self.every:
       return
     now = time.perf_counter()
     with self.writer.as_default(step=step):
-      for name, value in logs.items():
-        tf.summary.scalar(scalar_tag(name), _scalar(value))
+      for name, value in values.items():
+        tf.summary.scalar(scalar_tag(name), value)
       tf.summary.scalar("optim/learning_rate",
                         float(self.lr_fn(self.model.optimizer.iterations - 1)))
       if self._last_time is not None and step > self._last_step:
-        rate = (step - self._last_step) * self.batch / (now - self._last_time)
-        tf.summary.scalar("perf/images_per_second", rate)
+        seconds = (now - self._last_time) / (step - self._last_step)
+        tf.summary.scalar("perf/images_per_second", self.batch / seconds)
+        tf.summary.scalar("perf/step_time_ms", 1000.0 * seconds)
     self._last_time, self._last_step = now, step
 
   def on_epoch_begin(self, epoch, logs=None):
     # Do not count the time between epochs (checkpoint writes) as training time.
     self._last_time = None
+    self._prev_means = {}
 
   def on_train_end(self, logs=None):
     self.writer.flush()
@@ -153,3 +166,58 @@ class KNNMonitor(keras.callbacks.Callback):
     self.writer.flush()
     print("kNN (epoch %d): %s" % (epoch + 1, ", ".join(
         f"{k} {v:.2f}%" for k, v in self.last.items())), flush=True)
+
+
+class ProgressBar(keras.callbacks.Callback):
+  """One line per epoch with images/s and the loss terms; on a terminal also a live
+  bar with ETA (redrawn in place at most 5 times a second). Off a terminal (CI
+  logs, files) only the per-epoch lines are written."""
+
+  KEYS = ("loss", "attraction", "cov", "probe_top1")
+
+  def __init__(self, epochs, steps_per_epoch, global_batch_size, interactive,
+               stream=None):
+    super().__init__()
+    self.epochs = epochs
+    self.steps = steps_per_epoch
+    self.batch = global_batch_size
+    self.interactive = interactive
+    self.stream = stream or sys.stdout
+    self._start = self._last_draw = 0.0
+    self._epoch = 0
+
+  def _terms(self, logs):
+    return "  ".join(f"{k} {_scalar(logs[k]):.4g}" for k in self.KEYS if k in (logs or {}))
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch + 1
+    self._start = time.perf_counter()
+    self._last_draw = 0.0
+
+  def on_train_batch_end(self, batch, logs=None):
+    if not self.interactive:
+      return
+    now = time.perf_counter()
+    done = batch + 1
+    if now - self._last_draw < 0.2 and done < self.steps:
+      return
+    self._last_draw = now
+    elapsed = now - self._start
+    rate = done * self.batch / elapsed if elapsed > 0 else 0.0
+    eta = (self.steps - done) * elapsed / done
+    width = 20
+    filled = int(width * done / self.steps)
+    bar = "=" * filled + ">" * (filled < width) + "." * (width - filled - 1)
+    self.stream.write(f"\rEpoch {self._epoch}/{self.epochs} [{bar[:width]}] {done}/{self.steps}"
+                      f"  ETA {eta:4.0f}s  {rate:.0f} img/s  {self._terms(logs)}\x1b[K")
+    self.stream.flush()
+
+  def on_epoch_end(self, epoch, logs=None):
+    elapsed = time.perf_counter() - self._start
+    rate = self.steps * self.batch / elapsed if elapsed > 0 else 0.0
+    self.stream.write(f"\rEpoch {epoch + 1}/{self.epochs}: {self.steps} steps in "
+                      f"{elapsed:.1f}s, {rate:.0f} img/s  {self._terms(logs)}\x1b[K\n"
+                      if self.interactive else
+                      f"Epoch {epoch + 1}/{self.epochs}: {self.steps} steps in "
+                      f"{elapsed:.1f}s, {rate:.0f} img/s  {self._terms(logs)}\n")
+    self.stream.flush()

@@ -100,6 +100,10 @@ class TrainConfig:
   knn_every_epochs: int = 0
   knn_k: tuple = (20, 200)
   knn_temperature: float = 0.07
+  monitor_every_steps: int = 50
+  collapse_rank_share: float = 0.1
+  preview_images: int = 8
+  preview_only: bool = False
   jit_compile: bool = False
   mixed_precision: str = "none"
   verbose: str = "auto"
@@ -234,6 +238,11 @@ def from_flags(f):
   _check(knn_k and all(k >= 1 for k in knn_k), "knn_k", ",".join(f.knn_k),
          "must be positive integers")
   _check(f.knn_temperature > 0, "knn_temperature", f.knn_temperature, "must be > 0")
+  _check(f.monitor_every_steps >= 0, "monitor_every_steps", f.monitor_every_steps,
+         "must be >= 0")
+  _check(0 <= f.collapse_rank_share <= 1, "collapse_rank_share", f.collapse_rank_share,
+         "must be in [0, 1]")
+  _check(f.preview_images >= 0, "preview_images", f.preview_images, "must be >= 0")
   _check(f.mixed_precision in MIXED_PRECISION, "mixed_precision", f.mixed_precision,
          f"must be one of {MIXED_PRECISION}")
   _check(f.verbose in ("auto", "0", "1", "2"), "verbose", f.verbose,
@@ -246,7 +255,11 @@ def from_flags(f):
                       probe_random=f.probe_random, online_probe=f.online_probe,
                       online_probe_lr=f.online_probe_lr,
                       knn_every_epochs=f.knn_every_epochs, knn_k=knn_k,
-                      knn_temperature=f.knn_temperature, jit_compile=f.jit_compile,
+                      knn_temperature=f.knn_temperature,
+                      monitor_every_steps=f.monitor_every_steps,
+                      collapse_rank_share=f.collapse_rank_share,
+                      preview_images=f.preview_images, preview_only=f.preview_only,
+                      jit_compile=f.jit_compile,
                       mixed_precision=f.mixed_precision, verbose=f.verbose)
   return Config(data=data, augment=_views(f), model=model, loss=loss, optim=optim,
                 train=train)

@@ -109,6 +109,16 @@ def define_flags():
          "kNN top-1 on the test split every N epochs (0: off).")
   _track(f.DEFINE_list, "knn_k", ["20", "200"], "Neighbour counts of the kNN monitor.")
   _track(f.DEFINE_float, "knn_temperature", 0.07, "Temperature of the kNN votes.")
+  _track(f.DEFINE_integer, "monitor_every_steps", 50,
+         "Covariance spectra, effective rank, LDMI and collapse checks every N steps "
+         "(0: off).")
+  _track(f.DEFINE_float, "collapse_rank_share", 0.1,
+         "Warn of dimensional collapse when the effective rank of R falls below this "
+         "share of D.")
+  _track(f.DEFINE_integer, "preview_images", 8,
+         "Images in the augmentation preview written at the start of training (0: off).")
+  _track(f.DEFINE_bool, "preview_only", False,
+         "Write the augmentation preview (TensorBoard and preview.png) and exit.")
   _track(f.DEFINE_bool, "jit_compile", False, "Compile the training step with XLA.")
   _track(f.DEFINE_string, "mixed_precision", "none", "none, float16 or bfloat16.")
   _track(f.DEFINE_string, "verbose", "auto",

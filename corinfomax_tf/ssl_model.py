@@ -49,6 +49,7 @@ class CorInfoMaxModel(keras.Model):
     self.vector_logs = vector_logs
     names = METRIC_NAMES + (("logdet1", "logdet2") if loss_layer.covariance == "per_branch"
                             else ("logdet",))
+    names += ("grad_norm",)
     if self.probe_head is not None:
       names += ("probe_loss", "probe_top1")
     self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
@@ -101,6 +102,18 @@ class CorInfoMaxModel(keras.Model):
         loss = self.optimizer.scale_loss(loss)
     variables = self.pretraining_variables
     grads = tape.gradient(loss, variables)
+    if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+      scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
+    else:
+      scale = 1.0
+    # Exact on one replica. With several, each replica holds only its share of the
+    # gradient (the optimizer sums them); its norm times the replica count is an
+    # estimate of the global norm that costs no extra all-reduce.
+    grad_norm = tf.linalg.global_norm(grads) / scale * replicas
+    if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+      # An overflowing float16 step is skipped by the optimizer: log 0, not inf.
+      grad_norm = tf.where(tf.math.is_finite(grad_norm), grad_norm, 0.0)
+    terms = {**terms, "grad_norm": grad_norm}
     self.optimizer.apply(grads, variables)
     self.step_counter.assign_add(1)
     if self.probe_head is not None:
@@ -128,7 +141,8 @@ class CorInfoMaxModel(keras.Model):
   def test_step(self, data):
     views, _ = data
     x1, x2 = split_views(views)
-    return self._update_metrics(self.compute_loss_terms(x1, x2, training=False))
+    terms = self.compute_loss_terms(x1, x2, training=False)
+    return self._update_metrics({**terms, "grad_norm": tf.constant(0.0)})
 
   def _update_metrics(self, terms):
     logs = {}

@@ -61,6 +61,19 @@ def steps_per_epoch(cfg, num_train):
   return steps
 
 
+def write_preview(cfg, source, monitoring, tf):
+  """Both views of the first training images: TensorBoard image and preview.png."""
+  from PIL import Image
+  count = cfg.train.preview_images or 8
+  images = [image.numpy() for image, _ in source.train.take(count)]
+  grid = monitoring.augmentation_preview(
+      images, (cfg.augment.view1, cfg.augment.view2), cfg.data.image_size,
+      cfg.data.mean, cfg.data.std, seed=cfg.train.seed)
+  Image.fromarray(grid).save(os.path.join(cfg.train.workdir, "preview.png"))
+  with tf.summary.create_file_writer(os.path.join(cfg.train.workdir, "train")).as_default(step=0):
+    tf.summary.image("augmentations/original_view1_view2", grid[None])
+
+
 def run(cfg, flagfile_text=None):
   """The whole job for a validated Config; returns the summary dict."""
   # TensorFlow is imported here, after flag validation, so that a bad flag costs
@@ -72,6 +85,7 @@ def run(cfg, flagfile_text=None):
   from corinfomax_tf import data as data_lib
   from corinfomax_tf import distribute
   from corinfomax_tf import evaluation
+  from corinfomax_tf import monitoring
   from corinfomax_tf import schedules
   from corinfomax_tf import ssl_model
   from corinfomax_tf.models import resnet
@@ -104,6 +118,12 @@ def run(cfg, flagfile_text=None):
     write_atomic(os.path.join(t.workdir, "config.json"), cfg.to_json())
     if flagfile_text:
       write_atomic(os.path.join(t.workdir, "flags.cfg"), flagfile_text)
+    if t.preview_images or t.preview_only:
+      write_preview(cfg, source, monitoring, tf)
+    if t.preview_only:
+      print(f"Augmentation preview written to {t.workdir}/preview.png and "
+            f"{t.workdir}/train", flush=True)
+      return {}
 
   keras.utils.set_random_seed(t.seed)
   if t.mixed_precision != "none":
@@ -155,11 +175,20 @@ def run(cfg, flagfile_text=None):
         views=(cfg.augment.view1, cfg.augment.view2), mean=d.mean, std=d.std,
         seed=t.seed + step, shuffle_buffer=d.shuffle_buffer)
     throughput = callbacks_lib.Throughput(t.batch_size)
-    cbs = [callbacks_lib.FiniteLossGuard(t.workdir), throughput,
-           callbacks_lib.CheckpointSaver(manager)]
+    cbs = [callbacks_lib.FiniteLossGuard(t.workdir), throughput]
+    monitor = None
     if chief:
       cbs.append(callbacks_lib.ScalarLogger(os.path.join(t.workdir, "train"),
                                             t.log_every_steps, t.batch_size, schedule))
+      if t.monitor_every_steps:
+        monitor = monitoring.TrainingMonitor(os.path.join(t.workdir, "train"),
+                                             t.monitor_every_steps, t.collapse_rank_share)
+        cbs.append(monitor)
+      if step == 0 and flagfile_text:
+        with tf.summary.create_file_writer(os.path.join(t.workdir, "train")).as_default(step=0):
+          tf.summary.text("config/flags", "```\n" + flagfile_text + "```")
+    # Saved last, after the monitors of the epoch's last step have run.
+    cbs.append(callbacks_lib.CheckpointSaver(manager))
     knn = None
     if t.knn_every_epochs and chief:
       knn = callbacks_lib.KNNMonitor(
@@ -167,9 +196,12 @@ def run(cfg, flagfile_text=None):
           t.knn_every_epochs, t.knn_k, t.knn_temperature, os.path.join(t.workdir, "eval"))
       cbs.append(knn)
     verbose = (1 if sys.stdout.isatty() else 2) if t.verbose == "auto" else int(t.verbose)
+    if verbose and chief:
+      cbs.append(callbacks_lib.ProgressBar(t.epochs, spe, t.batch_size,
+                                           interactive=verbose == 1))
     try:
       history = model.fit(dataset, epochs=t.epochs, initial_epoch=step // spe,
-                          steps_per_epoch=spe, callbacks=cbs, verbose=verbose,
+                          steps_per_epoch=spe, callbacks=cbs, verbose=0,
                           shuffle=False)
     except tf.errors.InvalidArgumentError as e:
       # Some Cholesky kernels raise instead of returning NaN on a matrix that is
@@ -185,6 +217,9 @@ def run(cfg, flagfile_text=None):
     summary.update(final_terms=final, images_per_second=throughput.images_per_second())
     if knn is not None and knn.last:
       summary["knn"] = knn.last
+    if monitor is not None:
+      summary["monitor"] = monitor.last
+      summary["health_warnings"] = [f"step {s}: {m}" for s, m in monitor.warnings[-10:]]
   else:
     print(f"Already trained: step {step} of {total_steps} in {t.workdir}", flush=True)
     if "probe" in previous or t.probe_epochs == 0:

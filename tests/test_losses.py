@@ -114,6 +114,25 @@ def test_gradient_flows_only_through_the_current_batch():
   assert all(g is None for g in tape.gradient(value, list(state.values())))
 
 
+def test_closed_form_gradient_equals_autodiff_through_cholesky():
+  """The custom gradient of covariance_and_logdet equals differentiating
+  updated_covariance + logdet (through the Cholesky) in float64."""
+  rs = np.random.RandomState(3)
+  A = rs.randn(5, 5)
+  R = tf.constant(A @ A.T / 5 + np.eye(5))
+  zc = tf.constant(rs.randn(7, 5))
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(zc)
+    fast_R, fast = losses.covariance_and_logdet(R, zc, 0.3, 1e-6)
+    slow_R = losses.updated_covariance(R, zc, 0.3)
+    slow = losses.logdet(slow_R, 1e-6)
+  np.testing.assert_allclose(fast.numpy(), slow.numpy(), atol=1e-12)
+  np.testing.assert_allclose(fast_R.numpy(), slow_R.numpy(), atol=1e-14)
+  np.testing.assert_allclose(tape.gradient(fast, zc).numpy(), tape.gradient(slow, zc).numpy(),
+                             atol=1e-10)
+  assert tape.gradient(fast_R, zc) is None
+
+
 def test_logdet_matches_numpy_and_is_nan_free_on_rounding_asymmetry():
   rs = np.random.RandomState(2)
   A = rs.randn(5, 5)
@@ -133,7 +152,7 @@ def test_variables_stay_float64_under_mixed_precision():
     keras.mixed_precision.set_global_policy("float32")
   assert all(v.dtype == "float64" for v in layer.weights)
   assert terms["cov"].dtype == tf.float64
-  assert [w.name for w in layer.weights] == ["mu1", "R1", "mu2", "R2"]
+  assert [w.name for w in layer.weights] == ["mu1", "R1", "mu2", "R2", "R12"]
   assert not layer.trainable_weights
 
 
@@ -142,7 +161,7 @@ def test_config_round_trip():
                                 covariance="shared")
   clone = losses.CorInfoMaxLoss.from_config(layer.get_config())
   assert clone.get_config() == layer.get_config()
-  assert [w.name for w in clone.weights] == ["mu", "R"]
+  assert [w.name for w in clone.weights] == ["mu", "R", "R12"]
   np.testing.assert_array_equal(clone.R.numpy(), np.eye(16))
 
 
@@ -159,3 +178,17 @@ def test_bad_arguments_are_named(kwargs, message):
   with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")
                      .replace(")", r"\)")):
     losses.CorInfoMaxLoss(**args)
+
+
+def test_cross_covariance_follows_the_views():
+  batches = make_batches(steps=3)
+  layer = losses.CorInfoMaxLoss(dim=8, **HP)
+  R12 = np.zeros((8, 8))
+  mu1, mu2 = np.zeros(8), np.zeros(8)
+  for z1, z2 in batches:
+    layer(z1, z2, training=True)
+    mu1 = 0.01 * mu1 + 0.99 * z1.mean(0)
+    mu2 = 0.01 * mu2 + 0.99 * z2.mean(0)
+    R12 = 0.01 * R12 + 0.99 * (z1 - mu1).T @ (z2 - mu2) / len(z1)
+  np.testing.assert_allclose(layer.R12.numpy(), R12, atol=1e-9)
+  assert losses.CorInfoMaxLoss(dim=4, alpha=1.0, track_cross_covariance=False).R12 is None
