@@ -1,6 +1,8 @@
 """Training callbacks: checkpoints, the non-finite guard, scalars and throughput."""
 
+import contextlib
 import math
+import signal
 import sys
 import time
 
@@ -49,7 +51,10 @@ class CheckpointSaver(keras.callbacks.Callback):
     if not all(math.isfinite(_scalar(v)) for v in terms.values()):
       raise NonFiniteLossError(f"non-finite metrics at the end of epoch {epoch + 1}: "
                                f"{logs}; no checkpoint written")
-    self.manager.save(checkpoint_number=int(self.model.step_counter.numpy()))
+    step = int(self.model.step_counter.numpy())
+    if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
+      return  # already saved at this step (a preemption save just before)
+    self.manager.save(checkpoint_number=step)
 
 
 def scalar_tag(name):
@@ -61,6 +66,46 @@ def scalar_tag(name):
   if name == "grad_norm":
     return "optim/grad_norm"
   return f"loss/{name}"
+
+
+class PreemptionSaver(keras.callbacks.Callback):
+  """On SIGTERM (a scheduler's preemption) or SIGINT, finishes the current step,
+  saves a checkpoint at that step and stops training.
+
+  The signal handler only sets a flag: the save happens between steps, on the
+  training thread, so a checkpoint is never taken of a half-applied update.
+  """
+
+  def __init__(self, manager):
+    super().__init__()
+    self.manager = manager
+    self.signal_name = None
+    self.saved_step = None
+
+  @property
+  def stopped(self):
+    return self.saved_step is not None
+
+  @contextlib.contextmanager
+  def installed(self):
+    def handler(signum, frame):
+      self.signal_name = signal.Signals(signum).name
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for sig, old in previous.items():
+        signal.signal(sig, old)
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.signal_name is None or self.stopped:
+      return
+    self.saved_step = int(self.model.step_counter.numpy())
+    if not math.isfinite(_scalar(logs["loss"])):
+      raise NonFiniteLossError(f"loss is not finite at step {self.saved_step}; "
+                               "not saved on preemption")
+    self.manager.save(checkpoint_number=self.saved_step)
+    self.model.stop_training = True
 
 
 class ScalarLogger(keras.callbacks.Callback):

@@ -104,6 +104,7 @@ class TrainConfig:
   collapse_rank_share: float = 0.1
   preview_images: int = 8
   preview_only: bool = False
+  deterministic: bool = False
   jit_compile: bool = False
   mixed_precision: str = "none"
   verbose: str = "auto"
@@ -259,6 +260,7 @@ def from_flags(f):
                       monitor_every_steps=f.monitor_every_steps,
                       collapse_rank_share=f.collapse_rank_share,
                       preview_images=f.preview_images, preview_only=f.preview_only,
+                      deterministic=f.deterministic,
                       jit_compile=f.jit_compile,
                       mixed_precision=f.mixed_precision, verbose=f.verbose)
   return Config(data=data, augment=_views(f), model=model, loss=loss, optim=optim,

@@ -39,6 +39,10 @@ class Source:
   num_test: int
   num_classes: int
   in_memory: bool                 # small enough to cache decoded
+  # Image folders: the train split as (path, label) and the decoder, so that the
+  # pretraining pipeline shuffles (and, on resume, skips) paths, not pixels.
+  train_paths: tf.data.Dataset = None
+  decode: object = None
 
 
 # ----------------------------------------------------------------------------
@@ -166,9 +170,12 @@ def folder_source(data_dir, train_split, test_split, in_memory=False):
         (tf.constant(paths), tf.constant(labels, tf.int64)))
     return ds.map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
 
+  train_paths = tf.data.Dataset.from_tensor_slices(
+      (tf.constant(tr_paths), tf.constant(tr_labels, tf.int64)))
   return Source(os.path.basename(os.path.normpath(data_dir)) or "folder",
                 load(tr_paths, tr_labels), load(te_paths, te_labels), len(tr_paths),
-                len(te_paths), len(classes), in_memory=in_memory)
+                len(te_paths), len(classes), in_memory=in_memory,
+                train_paths=train_paths, decode=_decode)
 
 
 def load_source(dataset, *, image_size, data_dir=None, tfds_data_dir=None,
@@ -190,7 +197,7 @@ def load_source(dataset, *, image_size, data_dir=None, tfds_data_dir=None,
 
 
 def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
-                     seed, shuffle_buffer=10000, deterministic=False):
+                     seed, shuffle_buffer=10000, deterministic=False, skip_batches=0):
   """Infinite dataset of (views, labels) batches of `global_batch_size`.
 
   views is (batch, 2, size, size, 3): both views stacked in one tensor. Labels are
@@ -200,18 +207,27 @@ def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
   augmentation seed from a seeded random stream, so that parallel maps stay
   reproducible. Batches drop the remainder so that every replica gets the same
   number of images (the global batch is split evenly by the strategy).
+
+  The stream is a function of `seed` alone: `skip_batches=k` gives exactly what the
+  same dataset gives after k batches, without augmenting the skipped images (and,
+  for image folders, without decoding them), so a resumed run sees the data an
+  uninterrupted run would have seen.
   """
-  ds = source.train
-  if source.in_memory:
-    ds = ds.cache()
+  decode = None
+  if source.in_memory or source.train_paths is None:
+    ds = source.train.cache() if source.in_memory else source.train
+  else:
+    ds, decode = source.train_paths, source.decode
   ds = ds.shuffle(min(shuffle_buffer, source.num_train), seed=seed,
                   reshuffle_each_iteration=True).repeat()
-  seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+  seeds = tf.data.Dataset.random(seed=seed)
   ds = tf.data.Dataset.zip((ds, seeds))
+  if skip_batches:
+    ds = ds.skip(skip_batches * global_batch_size)
   view1, view2 = views
 
   def make_views(example, element_seed):
-    image, label = example
+    image, label = decode(*example) if decode else example
     image = augment.to_float(image)
     base = tf.stack([element_seed, tf.constant(0, tf.int64)])
     s1, s2 = tf.unstack(tf.random.experimental.stateless_split(base, num=2))
@@ -219,8 +235,11 @@ def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
     x2 = augment.augment_view(image, image_size, view2, mean, std, s2)
     return tf.stack([x1, x2]), label
 
+  # Parallel maps keep their output order unless told otherwise, and each element
+  # carries its own seed: the stream is reproducible in either case; `deterministic`
+  # only forbids tf.data from relaxing the order for speed.
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=deterministic or None)
+              deterministic=True if deterministic else None)
   ds = ds.batch(global_batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 

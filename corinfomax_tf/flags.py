@@ -119,6 +119,9 @@ def define_flags():
          "Images in the augmentation preview written at the start of training (0: off).")
   _track(f.DEFINE_bool, "preview_only", False,
          "Write the augmentation preview (TensorBoard and preview.png) and exit.")
+  _track(f.DEFINE_bool, "deterministic", False,
+         "Deterministic ops (tf.config.experimental.enable_op_determinism) and a fixed "
+         "data order: two runs give bitwise-equal weights on the CPU.")
   _track(f.DEFINE_bool, "jit_compile", False, "Compile the training step with XLA.")
   _track(f.DEFINE_string, "mixed_precision", "none", "none, float16 or bfloat16.")
   _track(f.DEFINE_string, "verbose", "auto",

@@ -31,6 +31,10 @@ class WorkdirError(ValueError):
   """The workdir cannot be used."""
 
 
+class Preempted(RuntimeError):
+  """SIGTERM/SIGINT: a checkpoint was saved and the job stopped early."""
+
+
 def prepare_workdir(workdir):
   """Creates the workdir and proves it writable before any work starts."""
   try:
@@ -126,6 +130,8 @@ def run(cfg, flagfile_text=None):
       return {}
 
   keras.utils.set_random_seed(t.seed)
+  if t.deterministic:
+    tf.config.experimental.enable_op_determinism()
   if t.mixed_precision != "none":
     keras.mixed_precision.set_global_policy(f"mixed_{t.mixed_precision}")
 
@@ -169,13 +175,19 @@ def run(cfg, flagfile_text=None):
     return data_lib.eval_dataset(split, batch_size=256, image_size=d.image_size,
                                  mean=d.mean, std=d.std)
 
-  if step < total_steps:
-    dataset = data_lib.two_view_dataset(
+  def dataset_from(start_step):
+    # The same stream as an uninterrupted run, from its start_step-th batch on.
+    return data_lib.two_view_dataset(
         source, global_batch_size=t.batch_size, image_size=d.image_size,
         views=(cfg.augment.view1, cfg.augment.view2), mean=d.mean, std=d.std,
-        seed=t.seed + step, shuffle_buffer=d.shuffle_buffer)
+        seed=t.seed, shuffle_buffer=d.shuffle_buffer, deterministic=t.deterministic,
+        skip_batches=start_step)
+
+  preemption = None
+  if step < total_steps:
     throughput = callbacks_lib.Throughput(t.batch_size)
-    cbs = [callbacks_lib.FiniteLossGuard(t.workdir), throughput]
+    preemption = callbacks_lib.PreemptionSaver(manager)
+    cbs = [callbacks_lib.FiniteLossGuard(t.workdir), throughput, preemption]
     monitor = None
     if chief:
       cbs.append(callbacks_lib.ScalarLogger(os.path.join(t.workdir, "train"),
@@ -200,9 +212,18 @@ def run(cfg, flagfile_text=None):
       cbs.append(callbacks_lib.ProgressBar(t.epochs, spe, t.batch_size,
                                            interactive=verbose == 1))
     try:
-      history = model.fit(dataset, epochs=t.epochs, initial_epoch=step // spe,
-                          steps_per_epoch=spe, callbacks=cbs, verbose=0,
-                          shuffle=False)
+      with preemption.installed():
+        history = None
+        if step % spe:
+          # Stopped mid-epoch (preemption): finish that epoch first.
+          history = model.fit(dataset_from(step), epochs=step // spe + 1,
+                              initial_epoch=step // spe, steps_per_epoch=spe - step % spe,
+                              callbacks=cbs, verbose=0, shuffle=False)
+          step = int(model.step_counter.numpy())
+        if step < total_steps and not preemption.stopped:
+          history = model.fit(dataset_from(step), epochs=t.epochs,
+                              initial_epoch=step // spe, steps_per_epoch=spe,
+                              callbacks=cbs, verbose=0, shuffle=False)
     except tf.errors.InvalidArgumentError as e:
       # Some Cholesky kernels raise instead of returning NaN on a matrix that is
       # not positive definite: the same failure as a non-finite loss.
@@ -212,6 +233,10 @@ def run(cfg, flagfile_text=None):
           f"R + eps*I is not positive definite after step "
           f"{int(model.step_counter.numpy())}: training stopped; the last good "
           f"checkpoint in {t.workdir} is kept (lower --lr or raise --eps)") from None
+    if preemption.stopped:
+      raise Preempted(f"stopped by signal {preemption.signal_name}: checkpoint saved at step "
+                      f"{preemption.saved_step} in {t.workdir}; rerun the same command "
+                      "to resume")
     final = {k: float(v[-1][0] if hasattr(v[-1], "__len__") else v[-1])
              for k, v in history.history.items()}
     summary.update(final_terms=final, images_per_second=throughput.images_per_second())
@@ -266,6 +291,9 @@ def main(argv):
   from corinfomax_tf import data as data_lib
   try:
     run(cfg, flags_lib.resolved_flagfile(FLAGS))
+  except Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr, flush=True)
+    sys.exit(143)
   except (config_lib.ConfigError, data_lib.DataError, WorkdirError,
           callbacks_lib.NonFiniteLossError) as e:
     _fail(str(e))
