@@ -20,7 +20,6 @@ Measured in one run, on one machine:
 import json
 import os
 import resource
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -276,16 +275,16 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.ERROR)
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    flags_lib.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     cfg = config_lib.from_flags(FLAGS)
     dims = [int(d) for d in FLAGS.loss_dims]
   except config_lib.ConfigError as e:
-    _fail(str(e))
+    flags_lib.exit_with_error(str(e))
   except ValueError:
-    _fail(f"--loss_dims={','.join(FLAGS.loss_dims)}: must be integers")
+    flags_lib.exit_with_error(f"--loss_dims={','.join(FLAGS.loss_dims)}: must be integers")
   if FLAGS.steps < 1 or FLAGS.warmup_steps < 1:
-    _fail("--steps and --warmup_steps must be >= 1")
+    flags_lib.exit_with_error("--steps and --warmup_steps must be >= 1")
   if cfg.train.mixed_precision != "none":
     import keras
     keras.mixed_precision.set_global_policy(f"mixed_{cfg.train.mixed_precision}")
@@ -295,11 +294,6 @@ def main(argv):
                          matmul_size=FLAGS.matmul_size)
   print(json.dumps(result, sort_keys=True) if FLAGS.json else format_table(result),
         flush=True)
-
-
-def _fail(message):
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Only entry points call `define_flags()`; library code takes config objects.
 Defaults are the CIFAR-10 setting of the paper except where a flagfile says otherwise.
 """
 
+import sys
+
 from absl import flags
 
 # Flags whose values are written into the workdir's resolved flagfile.
@@ -142,3 +144,9 @@ def resolved_flagfile(flag_values):
     else:
       lines.append(f"--{name}={value}")
   return "\n".join(lines) + "\n"
+
+
+def exit_with_error(message):
+  """The commands' one-line error: `error: <message>` on stderr, exit status 2."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)

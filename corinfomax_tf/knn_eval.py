@@ -10,7 +10,6 @@ result goes to <output_dir>/knn_eval.json.
 
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
@@ -51,14 +50,14 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
   if len(argv) > 1:
-    linear_eval._fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    flags_lib.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.encoder:
-    linear_eval._fail("--encoder is required (an export directory or a training workdir)")
+    flags_lib.exit_with_error("--encoder is required (an export directory or a training workdir)")
   try:
     ks = tuple(int(k) for k in FLAGS.k)
     assert ks and min(ks) >= 1
   except (ValueError, AssertionError):
-    linear_eval._fail(f"--k={','.join(FLAGS.k)}: must be positive integers")
+    flags_lib.exit_with_error(f"--k={','.join(FLAGS.k)}: must be positive integers")
   from corinfomax_tf import data as data_lib
   from corinfomax_tf import export_lib
   try:
@@ -67,7 +66,7 @@ def main(argv):
     result = run_knn_eval(encoder, source, image_size=FLAGS.image_size, ks=ks,
                           temperature=FLAGS.temperature)
   except (linear_eval.EvalError, export_lib.ExportError, data_lib.DataError) as e:
-    linear_eval._fail(str(e))
+    flags_lib.exit_with_error(str(e))
   out = FLAGS.output_dir or os.path.join(
       os.path.dirname(os.path.normpath(FLAGS.encoder)) or ".", "knn_eval")
   os.makedirs(out, exist_ok=True)

@@ -17,7 +17,6 @@ TensorBoard under <output_dir>/train and <output_dir>/eval.
 
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
@@ -219,9 +218,9 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    flags_lib.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.encoder:
-    _fail("--encoder is required (an export directory or a training workdir)")
+    flags_lib.exit_with_error("--encoder is required (an export directory or a training workdir)")
   from corinfomax_tf import data as data_lib
   from corinfomax_tf import export_lib
   try:
@@ -238,17 +237,12 @@ def main(argv):
         crop_min_scale=FLAGS.crop_min_scale, eval_every_epochs=FLAGS.eval_every_epochs,
         seed=FLAGS.seed, logdir=out)
   except (EvalError, export_lib.ExportError, data_lib.DataError) as e:
-    _fail(str(e))
+    flags_lib.exit_with_error(str(e))
   result.update(encoder=os.path.abspath(FLAGS.encoder), encoder_step=encoder.metadata["step"],
                 dataset=FLAGS.dataset)
   with open(os.path.join(out, "linear_eval.json"), "w") as fh:
     json.dump(result, fh, indent=2, sort_keys=True)
   print(json.dumps(result, sort_keys=True), flush=True)
-
-
-def _fail(message):
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 if __name__ == "__main__":

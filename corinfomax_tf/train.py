@@ -282,11 +282,11 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+    flags_lib.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
   try:
     cfg = config_lib.from_flags(FLAGS)
   except config_lib.ConfigError as e:
-    _fail(str(e))
+    flags_lib.exit_with_error(str(e))
   from corinfomax_tf import callbacks as callbacks_lib
   from corinfomax_tf import data as data_lib
   try:
@@ -296,12 +296,7 @@ def main(argv):
     sys.exit(143)
   except (config_lib.ConfigError, data_lib.DataError, WorkdirError,
           callbacks_lib.NonFiniteLossError) as e:
-    _fail(str(e))
-
-
-def _fail(message):
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
+    flags_lib.exit_with_error(str(e))
 
 
 def parse_flags(argv):
@@ -309,7 +304,7 @@ def parse_flags(argv):
   try:
     return FLAGS(argv)
   except absl_flags.Error as e:
-    _fail(f"{e}; see --helpfull")
+    flags_lib.exit_with_error(f"{e}; see --helpfull")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from corinfomax_tf import flags as flags_lib  # noqa: E402
+
 flags.DEFINE_string("workdir", None, "Training workdir to export from.")
 flags.DEFINE_string("export_dir", None, "Path of the export (a link to the newest step).")
 flags.DEFINE_string("checkpoint", None, "A checkpoint prefix; default: the latest.")
@@ -23,16 +25,11 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing export of the same st
 FLAGS = flags.FLAGS
 
 
-def _fail(message):
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    flags_lib.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.workdir or not FLAGS.export_dir:
-    _fail("--workdir and --export_dir are required")
+    flags_lib.exit_with_error("--workdir and --export_dir are required")
   import numpy as np
   import tensorflow as tf
 
@@ -45,7 +42,7 @@ def main(argv):
     path = export_lib.write_export(encoder, metadata, FLAGS.export_dir,
                                    overwrite=FLAGS.overwrite)
   except export_lib.ExportError as e:
-    _fail(str(e))
+    flags_lib.exit_with_error(str(e))
   # Prove the export reloads and computes what the live encoder computes.
   size = metadata["image_size"]
   images = np.random.RandomState(0).randint(0, 256, (3, size, size, 3)).astype(np.uint8)
