@@ -8,7 +8,6 @@ Wu et al. (2018) and the SSL literature (k = 20 and 200, T = 0.07 by default). T
 result goes to <output_dir>/knn_eval.json.
 """
 
-import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -67,14 +66,8 @@ def main(argv):
                           temperature=FLAGS.temperature)
   except (linear_eval.EvalError, export_lib.ExportError, data_lib.DataError) as e:
     flags_lib.exit_with_error(str(e))
-  out = FLAGS.output_dir or os.path.join(
-      os.path.dirname(os.path.normpath(FLAGS.encoder)) or ".", "knn_eval")
-  os.makedirs(out, exist_ok=True)
-  result.update(encoder=os.path.abspath(FLAGS.encoder), encoder_step=encoder.metadata["step"],
-                dataset=FLAGS.dataset)
-  with open(os.path.join(out, "knn_eval.json"), "w") as fh:
-    json.dump(result, fh, indent=2, sort_keys=True)
-  print(json.dumps(result, sort_keys=True), flush=True)
+  linear_eval.write_result(linear_eval.output_dir_for(FLAGS, "knn_eval"), "knn_eval",
+                           result, FLAGS, encoder)
 
 
 if __name__ == "__main__":

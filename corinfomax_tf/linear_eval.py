@@ -208,10 +208,21 @@ def run_linear_eval(encoder, source, *, image_size, epochs=100, batch_size=256, 
           "num_test": source.num_test, "num_classes": num_classes}
 
 
-def output_dir_for(f):
-  if f.output_dir:
-    return f.output_dir
-  return os.path.join(os.path.dirname(os.path.normpath(f.encoder)) or ".", "linear_eval")
+def output_dir_for(f, name="linear_eval"):
+  """--output_dir, or <encoder's parent>/<name>, created."""
+  out = f.output_dir or os.path.join(
+      os.path.dirname(os.path.normpath(f.encoder)) or ".", name)
+  os.makedirs(out, exist_ok=True)
+  return out
+
+
+def write_result(out, name, result, f, encoder):
+  """Adds what was evaluated, writes <out>/<name>.json and prints it as one line."""
+  result = {**result, "encoder": os.path.abspath(f.encoder),
+            "encoder_step": encoder.metadata["step"], "dataset": f.dataset}
+  with open(os.path.join(out, f"{name}.json"), "w") as fh:
+    json.dump(result, fh, indent=2, sort_keys=True)
+  print(json.dumps(result, sort_keys=True), flush=True)
 
 
 def main(argv):
@@ -227,7 +238,6 @@ def main(argv):
     encoder = export_lib.load_encoder(FLAGS.encoder)
     source = load_source_for(encoder.metadata, FLAGS)
     out = output_dir_for(FLAGS)
-    os.makedirs(out, exist_ok=True)
     result = run_linear_eval(
         encoder, source, image_size=FLAGS.image_size, epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size, lr=FLAGS.lr, min_lr=FLAGS.min_lr,
@@ -238,11 +248,7 @@ def main(argv):
         seed=FLAGS.seed, logdir=out)
   except (EvalError, export_lib.ExportError, data_lib.DataError) as e:
     flags_lib.exit_with_error(str(e))
-  result.update(encoder=os.path.abspath(FLAGS.encoder), encoder_step=encoder.metadata["step"],
-                dataset=FLAGS.dataset)
-  with open(os.path.join(out, "linear_eval.json"), "w") as fh:
-    json.dump(result, fh, indent=2, sort_keys=True)
-  print(json.dumps(result, sort_keys=True), flush=True)
+  write_result(out, "linear_eval", result, FLAGS, encoder)
 
 
 if __name__ == "__main__":
