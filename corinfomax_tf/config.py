@@ -42,6 +42,17 @@ class DataConfig:
   std: tuple = NORMALIZATIONS["digits"][1]
   cache: bool = False
   shuffle_buffer: int = 10000
+  image_check: str = "header"
+  bad_images: str = "skip"
+  max_image_pixels: int = 50_000_000
+
+  def source_kwargs(self):
+    """The arguments of data.load_source this config names."""
+    return dict(image_size=self.image_size, data_dir=self.data_dir or None,
+                tfds_data_dir=self.tfds_data_dir or None, train_split=self.train_split,
+                test_split=self.test_split, tfds_download=self.tfds_download,
+                cache=self.cache, image_check=self.image_check,
+                bad_images=self.bad_images, max_image_pixels=self.max_image_pixels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +195,12 @@ def from_flags(f):
   data = DataConfig(dataset=f.dataset, data_dir=f.data_dir, tfds_data_dir=f.tfds_data_dir,
                     tfds_download=f.tfds_download, train_split=f.train_split,
                     test_split=f.test_split, image_size=f.image_size, mean=mean, std=std,
-                    cache=f.cache, shuffle_buffer=f.shuffle_buffer)
+                    cache=f.cache, shuffle_buffer=f.shuffle_buffer,
+                    image_check=f.image_check, bad_images=f.bad_images,
+                    max_image_pixels=f.max_image_pixels)
   _check(f.dataset != "folder" or f.data_dir, "data_dir", "''",
          "is required with --dataset=folder")
+  _check(f.max_image_pixels >= 1, "max_image_pixels", f.max_image_pixels, "must be >= 1")
 
   _check(f.depth in resnet.BLOCKS, "depth", f.depth, f"must be one of {sorted(resnet.BLOCKS)}")
   _check(f.stem in resnet.STEMS, "stem", f.stem, f"must be one of {resnet.STEMS}")

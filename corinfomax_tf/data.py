@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from corinfomax_tf import augment
+from corinfomax_tf import image_folder
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DIGITS_NUM_CLASSES = 10
 
 
@@ -39,10 +39,14 @@ class Source:
   num_test: int
   num_classes: int
   in_memory: bool                 # small enough to cache decoded
-  # Image folders: the train split as (path, label) and the decoder, so that the
-  # pretraining pipeline shuffles (and, on resume, skips) paths, not pixels.
+  # Image folders: the train split as (path, label), so that the pretraining
+  # pipeline shuffles (and, on resume, skips) paths, not pixels.
   train_paths: tf.data.Dataset = None
-  decode: object = None
+  # Image folders: what the check of each split kept, converted and skipped.
+  scans: tuple = ()
+
+  def scan_report(self):
+    return {s.root: s.to_dict() for s in self.scans}
 
 
 # ----------------------------------------------------------------------------
@@ -127,67 +131,70 @@ def _ensure_rgb(image):
   return image
 
 
-def list_image_folder(root, flag="--data_dir"):
-  """(paths, labels, class_names) of root/<class>/<image>; errors name the path."""
-  if not os.path.isdir(root):
-    raise DataError(f"{flag}: directory {root!r} does not exist")
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-  if not classes:
-    raise DataError(f"{flag}: {root!r} has no class sub-folders")
-  paths, labels = [], []
-  for index, name in enumerate(classes):
-    folder = os.path.join(root, name)
-    files = sorted(f for f in os.listdir(folder)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-      raise DataError(f"{flag}: class folder {folder!r} holds no images "
-                      f"({', '.join(IMAGE_EXTENSIONS)})")
-    paths.extend(os.path.join(folder, f) for f in files)
-    labels.extend([index] * len(files))
-  return paths, labels, classes
-
-
 def _decode(path, label):
   data = tf.io.read_file(path)
   image = tf.io.decode_image(data, channels=3, expand_animations=False)
   return tf.ensure_shape(image, (None, None, 3)), label
 
 
-def folder_source(data_dir, train_split, test_split, in_memory=False):
-  train_root = os.path.join(data_dir, train_split)
-  test_root = os.path.join(data_dir, test_split)
+def decode_skipping_errors(paths_ds, deterministic=None):
+  """(path, label, ...) -> (image, label, ...); a file that fails to decode is dropped.
+
+  The folder scan has already set aside the files it could recognise as bad; this is
+  the last line of defence for what slips through (or changes after the scan), and
+  tf.data logs each drop. Only the decode is guarded, so an error anywhere else still
+  surfaces.
+  """
+  def decode(path, label, *rest):
+    return (*_decode(path, label), *rest)
+  return paths_ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=deterministic).ignore_errors(log_warning=True)
+
+
+def folder_source(data_dir, train_split, test_split, in_memory=False,
+                  image_check="header", max_image_pixels=image_folder.DEFAULT_MAX_PIXELS,
+                  bad_images="skip"):
   if not os.path.isdir(data_dir):
     raise DataError(f"--data_dir: directory {data_dir!r} does not exist")
-  tr_paths, tr_labels, classes = list_image_folder(train_root, "--data_dir/--train_split")
-  te_paths, te_labels, te_classes = list_image_folder(test_root, "--data_dir/--test_split")
-  if te_classes != classes:
-    missing = sorted(set(classes) ^ set(te_classes))[:5]
-    raise DataError(f"--data_dir: {train_root!r} and {test_root!r} have different "
+  scans = {}
+  for flag, split in (("--data_dir/--train_split", train_split),
+                      ("--data_dir/--test_split", test_split)):
+    try:
+      scans[split] = image_folder.scan_image_folder(
+          os.path.join(data_dir, split), flag, check=image_check,
+          max_pixels=max_image_pixels, on_bad=bad_images)
+    except image_folder.FolderError as e:
+      raise DataError(str(e)) from None
+  train, test = scans[train_split], scans[test_split]
+  if test.classes != train.classes:
+    missing = sorted(set(train.classes) ^ set(test.classes))[:5]
+    raise DataError(f"--data_dir: {train.root!r} and {test.root!r} have different "
                     f"class folders (e.g. {missing})")
 
-  def load(paths, labels):
-    ds = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(paths), tf.constant(labels, tf.int64)))
-    return ds.map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
+  def paths_of(scan):
+    return tf.data.Dataset.from_tensor_slices(
+        (tf.constant(scan.paths), tf.constant(scan.labels, tf.int64)))
 
-  train_paths = tf.data.Dataset.from_tensor_slices(
-      (tf.constant(tr_paths), tf.constant(tr_labels, tf.int64)))
   return Source(os.path.basename(os.path.normpath(data_dir)) or "folder",
-                load(tr_paths, tr_labels), load(te_paths, te_labels), len(tr_paths),
-                len(te_paths), len(classes), in_memory=in_memory,
-                train_paths=train_paths, decode=_decode)
+                decode_skipping_errors(paths_of(train)),
+                decode_skipping_errors(paths_of(test)), len(train.paths), len(test.paths),
+                len(train.classes), in_memory=in_memory, train_paths=paths_of(train),
+                scans=(train, test))
 
 
 def load_source(dataset, *, image_size, data_dir=None, tfds_data_dir=None,
                 train_split="train", test_split="test", tfds_download=False,
-                cache=False):
+                cache=False, image_check="header",
+                max_image_pixels=image_folder.DEFAULT_MAX_PIXELS, bad_images="skip"):
   """Builds the Source a config names; fails fast with a DataError."""
   if dataset == "digits":
     return digits_source(image_size)
   if dataset == "folder":
     if not data_dir:
       raise DataError("--data_dir is required with --dataset=folder")
-    return folder_source(data_dir, train_split, test_split, in_memory=cache)
+    return folder_source(data_dir, train_split, test_split, in_memory=cache,
+                         image_check=image_check, max_image_pixels=max_image_pixels,
+                         bad_images=bad_images)
   return tfds_source(dataset, tfds_data_dir, train_split, test_split, tfds_download)
 
 
@@ -213,21 +220,23 @@ def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
   for image folders, without decoding them), so a resumed run sees the data an
   uninterrupted run would have seen.
   """
-  decode = None
-  if source.in_memory or source.train_paths is None:
-    ds = source.train.cache() if source.in_memory else source.train
+  from_paths = not source.in_memory and source.train_paths is not None
+  if from_paths:
+    ds = source.train_paths
   else:
-    ds, decode = source.train_paths, source.decode
+    ds = source.train.cache() if source.in_memory else source.train
   ds = ds.shuffle(min(shuffle_buffer, source.num_train), seed=seed,
                   reshuffle_each_iteration=True).repeat()
   seeds = tf.data.Dataset.random(seed=seed)
   ds = tf.data.Dataset.zip((ds, seeds))
   if skip_batches:
     ds = ds.skip(skip_batches * global_batch_size)
+  ds = ds.map(lambda example, element_seed: (*example, element_seed))
+  if from_paths:
+    ds = decode_skipping_errors(ds, True if deterministic else None)
   view1, view2 = views
 
-  def make_views(example, element_seed):
-    image, label = decode(*example) if decode else example
+  def make_views(image, label, element_seed):
     image = augment.to_float(image)
     base = tf.stack([element_seed, tf.constant(0, tf.int64)])
     s1, s2 = tf.unstack(tf.random.experimental.stateless_split(base, num=2))

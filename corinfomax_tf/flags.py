@@ -35,6 +35,15 @@ def define_data_flags():
   _track(f.DEFINE_string, "train_split", "train", "Split (or sub-folder) to pretrain on.")
   _track(f.DEFINE_string, "test_split", "test", "Split (or sub-folder) for the probe's test.")
   _track(f.DEFINE_integer, "image_size", 32, "Training crop size.")
+  _track(f.DEFINE_enum, "image_check", "header", ["none", "header", "full"],
+         "With --dataset=folder, how every file is checked before training: none "
+         "(extension and size), header (format, size, truncation; the default), full "
+         "(decode every image: slow on large sets).")
+  _track(f.DEFINE_enum, "bad_images", "skip", ["skip", "error"],
+         "With --dataset=folder: skip bad files (counted in the log and in "
+         "data_report.json) or stop at the first, naming it.")
+  _track(f.DEFINE_integer, "max_image_pixels", 50_000_000,
+         "With --dataset=folder: images with more pixels are skipped as too large.")
 
 
 def define_flags():

@@ -65,7 +65,11 @@ def load_source_for(encoder_metadata, f):
   source = data_lib.load_source(
       f.dataset, image_size=f.image_size, data_dir=f.data_dir or None,
       tfds_data_dir=f.tfds_data_dir or None, train_split=f.train_split,
-      test_split=f.test_split, tfds_download=f.tfds_download)
+      test_split=f.test_split, tfds_download=f.tfds_download,
+      image_check=f.image_check, bad_images=f.bad_images,
+      max_image_pixels=f.max_image_pixels)
+  for scan in source.scans:
+    print(scan.summary(), flush=True)
   if f.num_classes and f.num_classes != source.num_classes:
     raise EvalError(f"--num_classes={f.num_classes}: --dataset={f.dataset} has "
                     f"{source.num_classes} classes")

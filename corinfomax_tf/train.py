@@ -78,6 +78,18 @@ def write_preview(cfg, source, monitoring, tf):
     tf.summary.image("augmentations/original_view1_view2", grid[None])
 
 
+def report_data_scan(source, workdir, log):
+  """Logs what the image-folder check kept, converted and skipped; writes the list."""
+  for scan in source.scans:
+    line = scan.summary()
+    (log.warning if scan.num_skipped else log.info)(line)
+    if scan.num_skipped:
+      print(line, flush=True)
+  if workdir:
+    write_atomic(os.path.join(workdir, "data_report.json"),
+                 json.dumps(source.scan_report(), indent=2, sort_keys=True))
+
+
 def run(cfg, flagfile_text=None):
   """The whole job for a validated Config; returns the summary dict."""
   # TensorFlow is imported here, after flag validation, so that a bad flag costs
@@ -111,10 +123,9 @@ def run(cfg, flagfile_text=None):
     config_lib.check_resume_compatible(saved, cfg)
 
   d = cfg.data
-  source = data_lib.load_source(
-      d.dataset, image_size=d.image_size, data_dir=d.data_dir or None,
-      tfds_data_dir=d.tfds_data_dir or None, train_split=d.train_split,
-      test_split=d.test_split, tfds_download=d.tfds_download, cache=d.cache)
+  source = data_lib.load_source(d.dataset, **d.source_kwargs())
+  if source.scans:
+    report_data_scan(source, t.workdir if chief else None, absl_logging)
   spe = steps_per_epoch(cfg, source.num_train)
   total_steps = spe * t.epochs
 

@@ -57,7 +57,7 @@ def test_folder_errors_name_the_path(tmp_path):
   with pytest.raises(data.DataError, match="--data_dir: directory .*nope.* does not exist"):
     data.load_source("folder", image_size=8, data_dir=str(tmp_path / "nope"))
   os.makedirs(tmp_path / "d" / "train" / "empty_class")
-  with pytest.raises(data.DataError, match="empty_class.* holds no images"):
+  with pytest.raises(data.DataError, match="empty_class.* holds no usable images"):
     data.load_source("folder", image_size=8, data_dir=str(tmp_path / "d"))
   helpers.write_image_folder(str(tmp_path / "e"), splits=("train",))
   with pytest.raises(data.DataError, match="test.* does not exist"):

@@ -41,12 +41,20 @@ def event_tags(logdir):
 
 def test_short_run_on_generated_images_writes_everything(tmp_path):
   data_dir = helpers.write_image_folder(str(tmp_path / "images"), classes=2, per_class=12)
+  for name, payload in (("garbage.jpg", b"\xff\xd8 not a jpeg"), ("notes.txt", b"x")):
+    with open(os.path.join(data_dir, "train", "class_0", name), "wb") as fh:
+      fh.write(payload)
   workdir = str(tmp_path / "run")
   result = train(f"--flagfile={SMOKE}", "--dataset=folder", f"--data_dir={data_dir}",
                  "--normalization=imagenet", "--batch_size=8", "--steps_per_epoch=2",
                  f"--workdir={workdir}", "--probe_epochs=20", "--online_probe",
                  "--knn_every_epochs=1", "--knn_k=3,10")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "2 skipped: 1 not_an_image, 1 unreadable" in result.stdout
+  with open(os.path.join(workdir, "data_report.json")) as fh:
+    report = json.load(fh)[os.path.join(data_dir, "train")]
+  assert report["kept"] == 24 and report["skipped"]["unreadable"]["count"] == 1
+  assert report["skipped"]["unreadable"]["files"][0]["path"].endswith("garbage.jpg")
   assert checkpoints(workdir) == [2, 4]
   s = summary(workdir)
   assert s["step"] == 4 and s["total_steps"] == 4
