@@ -2,6 +2,8 @@
 
 import contextlib
 import math
+import re
+import shutil
 import signal
 import sys
 import time
@@ -13,6 +15,37 @@ import tensorflow as tf
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; training stopped before any save."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (disk full, quota, permissions)."""
+
+
+def save_checkpoint(manager, step):
+  """manager.save, with a failed write reported as one line naming the kept checkpoint.
+
+  TensorFlow writes a checkpoint's files first and switches the `checkpoint` pointer
+  file (atomically) only after they are complete, and deletes old checkpoints only
+  after that: a write that fails half-way leaves the pointer at the last good one.
+  """
+  try:
+    return manager.save(checkpoint_number=step)
+  except (OSError, tf.errors.OpError) as e:
+    reason = (e.strerror or str(e)) if isinstance(e, OSError) else e.message
+    # Drop TensorFlow's "{{function_node ...}}" prefix: the rest names the file.
+    reason = re.sub(r"\{\{[^}]*\}\}\s*", "", reason.splitlines()[0])[:200]
+    kept = tf.train.latest_checkpoint(manager.directory)
+    free = shutil.disk_usage(manager.directory).free / 2**20
+    raise CheckpointWriteError(
+        f"the checkpoint of step {step} could not be written to {manager.directory} "
+        f"({reason}; {free:.0f} MiB free there); the last good checkpoint "
+        f"({kept or 'none yet'}) is kept: free space and rerun the same command to "
+        "resume") from None
+
+
+def checkpoint_bytes(variables):
+  """Bytes one checkpoint of these variables takes (values only; the index is small)."""
+  return int(sum(np.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables))
 
 
 def _scalar(value):
@@ -54,7 +87,7 @@ class CheckpointSaver(keras.callbacks.Callback):
     step = int(self.model.step_counter.numpy())
     if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
       return  # already saved at this step (a preemption save just before)
-    self.manager.save(checkpoint_number=step)
+    save_checkpoint(self.manager, step)
 
 
 def scalar_tag(name):
@@ -104,7 +137,7 @@ class PreemptionSaver(keras.callbacks.Callback):
     if not math.isfinite(_scalar(logs["loss"])):
       raise NonFiniteLossError(f"loss is not finite at step {self.saved_step}; "
                                "not saved on preemption")
-    self.manager.save(checkpoint_number=self.saved_step)
+    save_checkpoint(self.manager, self.saved_step)
     self.model.stop_training = True
 
 

@@ -200,6 +200,9 @@ def from_flags(f):
                     max_image_pixels=f.max_image_pixels)
   _check(f.dataset != "folder" or f.data_dir, "data_dir", "''",
          "is required with --dataset=folder")
+  _check(f.dataset == "folder" or not f.data_dir, "data_dir", f.data_dir,
+         f"is read only with --dataset=folder (--dataset={f.dataset}); a "
+         "tensorflow-datasets set takes --tfds_data_dir")
   _check(f.max_image_pixels >= 1, "max_image_pixels", f.max_image_pixels, "must be >= 1")
 
   _check(f.depth in resnet.BLOCKS, "depth", f.depth, f"must be one of {sorted(resnet.BLOCKS)}")
@@ -241,6 +244,8 @@ def from_flags(f):
   _check(f.steps_per_epoch >= 0, "steps_per_epoch", f.steps_per_epoch, "must be >= 0")
   _check(f.strategy in STRATEGIES, "strategy", f.strategy, f"must be one of {STRATEGIES}")
   _check(f.num_cpu_devices >= 0, "num_cpu_devices", f.num_cpu_devices, "must be >= 0")
+  _check(f.num_cpu_devices == 0 or f.strategy == "mirrored", "num_cpu_devices",
+         f.num_cpu_devices, f"is read only with --strategy=mirrored (--strategy={f.strategy})")
   _check(f.keep_checkpoints >= 1, "keep_checkpoints", f.keep_checkpoints, "must be >= 1")
   _check(f.log_every_steps >= 1, "log_every_steps", f.log_every_steps, "must be >= 1")
   _check(f.probe_epochs >= 0, "probe_epochs", f.probe_epochs, "must be >= 0")

@@ -4,6 +4,7 @@ Only entry points call `define_flags()`; library code takes config objects.
 Defaults are the CIFAR-10 setting of the paper except where a flagfile says otherwise.
 """
 
+import os
 import sys
 
 from absl import flags
@@ -159,3 +160,58 @@ def exit_with_error(message):
   """The commands' one-line error: `error: <message>` on stderr, exit status 2."""
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(2)
+
+
+def _flag_assignments(path, seen=()):
+  """[(flag name, value, 'file:line')] of a flagfile, nested flagfiles expanded."""
+  if path in seen or not os.path.isfile(path):
+    return []  # absl itself reports missing files and loops
+  out = []
+  with open(path) as fh:
+    for number, line in enumerate(fh, 1):
+      line = line.strip()
+      if not line.startswith("--"):
+        continue  # blank lines and comments (# or //)
+      name, has_value, value = line[2:].partition("=")
+      if name == "flagfile":
+        out.extend(_flag_assignments(value, seen + (path,)))
+        continue
+      if not has_value:
+        # --name is name=true, --noname is name=false when --name is a boolean.
+        if name.startswith("no") and name[2:] in flags.FLAGS:
+          name, value = name[2:], "false"
+        else:
+          value = "true"
+      out.append((name, value, f"{path}:{number}"))
+  return out
+
+
+def flagfile_contradiction(argv):
+  """A flag set to two different values inside one --flagfile (nested ones included).
+
+  The command line overriding a flagfile is the intended use and is allowed; one
+  file that says both --batch_size=256 and --batch_size=512 is a mistake that absl
+  would resolve silently (the last wins).
+  """
+  for arg in argv[1:]:
+    if not arg.startswith("--flagfile="):
+      continue
+    first = {}
+    for name, value, where in _flag_assignments(arg.split("=", 1)[1]):
+      if name in first and first[name][0] != value:
+        return (f"--flagfile={arg.split('=', 1)[1]}: --{name} is set to "
+                f"{first[name][0]!r} at {first[name][1]} and to {value!r} at {where}; "
+                "keep one")
+      first.setdefault(name, (value, where))
+  return None
+
+
+def parse_flags(argv):
+  """absl's parser, with contradictions and parsing errors as one line naming the flag."""
+  contradiction = flagfile_contradiction(argv)
+  if contradiction:
+    exit_with_error(contradiction)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    exit_with_error(f"{e}; see --helpfull")

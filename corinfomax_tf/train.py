@@ -47,6 +47,27 @@ def prepare_workdir(workdir):
     raise WorkdirError(f"--workdir={workdir}: cannot write there ({e.strerror})") from None
 
 
+# Room for TensorBoard logs, the resolved flags, reports and the summary.
+LOG_BYTES_MARGIN = 64 * 2**20
+
+
+def check_free_space(workdir, checkpoint_bytes, keep, free_bytes=None):
+  """Refuses a run whose checkpoints cannot fit, before any work is done.
+
+  keep + 1 checkpoints exist for a moment (the new one is written before the oldest
+  is deleted).
+  """
+  import shutil
+  needed = (keep + 1) * checkpoint_bytes + LOG_BYTES_MARGIN
+  free = shutil.disk_usage(workdir).free if free_bytes is None else free_bytes
+  if free < needed:
+    mib = 2**20
+    raise WorkdirError(
+        f"--workdir={workdir}: {free / mib:.0f} MiB free, the run needs about "
+        f"{needed / mib:.0f} MiB ({keep + 1} checkpoints of {checkpoint_bytes / mib:.0f} MiB "
+        "and logs); free space, or lower --keep_checkpoints")
+
+
 def write_atomic(path, text):
   tmp = f"{path}.tmp"
   with open(tmp, "w") as fh:
@@ -167,6 +188,10 @@ def run(cfg, flagfile_text=None):
       model.probe_optimizer.learning_rate = t.online_probe_lr
       tracked.update(probe_head=model.probe_head, probe_optimizer=model.probe_optimizer)
     checkpoint = tf.train.Checkpoint(**tracked)
+    if chief:
+      check_free_space(t.workdir, callbacks_lib.checkpoint_bytes(
+          [v for obj in tracked.values() for v in getattr(obj, "variables", [obj])]),
+          t.keep_checkpoints)
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=t.keep_checkpoints)
     if manager.latest_checkpoint:
       checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
@@ -306,18 +331,10 @@ def main(argv):
     print(f"preempted: {e}", file=sys.stderr, flush=True)
     sys.exit(143)
   except (config_lib.ConfigError, data_lib.DataError, WorkdirError,
-          callbacks_lib.NonFiniteLossError) as e:
+          callbacks_lib.NonFiniteLossError, callbacks_lib.CheckpointWriteError) as e:
     flags_lib.exit_with_error(str(e))
-
-
-def parse_flags(argv):
-  """absl's parser, with a parsing error reported as one line naming the flag."""
-  try:
-    return FLAGS(argv)
-  except absl_flags.Error as e:
-    flags_lib.exit_with_error(f"{e}; see --helpfull")
 
 
 if __name__ == "__main__":
   flags_lib.define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=flags_lib.parse_flags)

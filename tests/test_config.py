@@ -28,7 +28,9 @@ LINEAR_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "linear_*.cfg"))
 @pytest.mark.parametrize("path", PRETRAINING_CONFIGS)
 def test_every_flagfile_parses_and_opens_with_comments(path):
   # Image-folder configs need the user's --data_dir; validation does not read it.
-  cfg = parse(f"--flagfile={path}", "--data_dir=/data/images")
+  with open(path) as fh:
+    folder = "--dataset=folder" in fh.read()
+  cfg = parse(f"--flagfile={path}", *(["--data_dir=/data/images"] if folder else []))
   with open(path) as fh:
     first = fh.readline()
   assert first.startswith("# ")
@@ -104,3 +106,29 @@ def test_linear_eval_flagfiles_parse():
   assert len(lines) == len(LINEAR_CONFIGS) == 6
   assert all(" 100 256 " in line for line in lines)
   assert any(line.endswith("step") for line in lines)
+
+
+def test_a_flag_set_twice_in_one_flagfile_is_a_contradiction(tmp_path):
+  inner = tmp_path / "inner.cfg"
+  inner.write_text("--batch_size=256\n--deterministic\n")
+  outer = tmp_path / "outer.cfg"
+  outer.write_text(f"# comment --batch_size=1\n--flagfile={inner}\n--lr=0.1\n"
+                   "--nodeterministic\n")
+  message = flags_lib.flagfile_contradiction(["prog", f"--flagfile={outer}"])
+  assert message.startswith(f"--flagfile={outer}: --deterministic is set to 'true' at "
+                            f"{inner}:2 and to 'false' at {outer}:4")
+  # Same value twice, and the command line overriding the file, are fine.
+  outer.write_text(f"--flagfile={inner}\n--batch_size=256\n")
+  assert flags_lib.flagfile_contradiction(
+      ["prog", f"--flagfile={outer}", "--batch_size=8"]) is None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data_dir=/x"], "--data_dir=/x: is read only with --dataset=folder (--dataset=digits)"),
+    (["--num_cpu_devices=2"], "--num_cpu_devices=2: is read only with --strategy=mirrored"),
+    (["--max_image_pixels=0"], "--max_image_pixels=0: must be >= 1"),
+])
+def test_flags_that_contradict_the_rest_are_named(args, needle):
+  with pytest.raises(config.ConfigError) as info:
+    parse(f"--flagfile={ROOT}/configs/digits.cfg", *args)
+  assert needle in str(info.value)

@@ -200,10 +200,13 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
      "--data_dir: directory '/nonexistent/images' does not exist"),
     (["--dataset=cifar10", "--tfds_data_dir=@TMP@"], "--dataset=cifar10: not prepared"),
     (["--blur_prob=0.5,0.5,0.5"], "--blur_prob=0.5,0.5,0.5"),
+    (["--flagfile=@TMP@/contradictory.cfg"], "--epochs is set to '1' at"),
 ])
 def test_bad_input_gets_one_clear_line_before_training(tmp_path, args, needle):
   workdir = str(tmp_path / "run")
-  args = [a.replace("@TMP@", str(tmp_path / "tfds")) for a in args]
+  (tmp_path / "contradictory.cfg").write_text("--epochs=1\n--lr=0.1\n--epochs=2\n")
+  args = [a.replace("@TMP@/contradictory", str(tmp_path / "contradictory"))
+           .replace("@TMP@", str(tmp_path / "tfds")) for a in args]
   result = train(f"--flagfile={SMOKE}", f"--workdir={workdir}", *args, timeout=120)
   assert result.returncode != 0
   lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
@@ -266,3 +269,41 @@ def test_two_worker_processes_on_loopback_train_together(tmp_path):
   s = summary(workdir)
   assert s["replicas"] == 2 and s["step"] == 6
   assert checkpoints(workdir) == [3, 6]
+
+
+def test_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_path):
+  # A real write failure: once the first checkpoint exists, the running process may
+  # no longer grow any file beyond 4 KiB (RLIMIT_FSIZE, with SIGXFSZ ignored so the
+  # write fails with an error instead of killing it), as on a full disk.
+  import resource
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  args = [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
+          f"--workdir={workdir}", "--epochs=4", "--probe_epochs=0"]
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+  deadline = time.time() + 240
+  while not checkpoints(workdir) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (4096, 4096))
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 2, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: the checkpoint of step 6 could not be written"), last
+  assert "the last good checkpoint" in last and "ckpt-3) is kept" in last
+  assert checkpoints(workdir) == [3]
+  with open(os.path.join(workdir, "checkpoints", "checkpoint")) as fh:
+    assert 'model_checkpoint_path: "ckpt-3"' in fh.read()
+  # Space is back: the same command resumes from step 3 and finishes.
+  result = train(*args[3:])
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Resumed from" in result.stdout and summary(workdir)["step"] == 12
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path):
+  from corinfomax_tf import train as train_lib
+  with pytest.raises(train_lib.WorkdirError, match=r"--workdir=.*: 10 MiB free, the run "
+                     r"needs about 464 MiB \(4 checkpoints of 100 MiB and logs\)"):
+    train_lib.check_free_space(str(tmp_path), 100 * 2**20, keep=3, free_bytes=10 * 2**20)
+  train_lib.check_free_space(str(tmp_path), 100 * 2**20, keep=3, free_bytes=500 * 2**20)
