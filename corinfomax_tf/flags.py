@@ -156,10 +156,10 @@ def resolved_flagfile(flag_values):
   return "\n".join(lines) + "\n"
 
 
-def exit_with_error(message):
+def exit_with_error(message, code=2):
   """The commands' one-line error: `error: <message>` on stderr, exit status 2."""
   print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def _flag_assignments(path, seen=()):

@@ -31,6 +31,15 @@ class WorkdirError(ValueError):
   """The workdir cannot be used."""
 
 
+class WorkerLost(RuntimeError):
+  """Another worker of a multi-worker run stopped; the last checkpoint is kept."""
+
+
+# A worker lost is a temporary failure (EX_TEMPFAIL): a scheduler restarting every
+# worker with the same command resumes the run from its last checkpoint.
+WORKER_LOST_EXIT_CODE = 75
+
+
 class Preempted(RuntimeError):
   """SIGTERM/SIGINT: a checkpoint was saved and the job stopped early."""
 
@@ -135,12 +144,16 @@ def run(cfg, flagfile_text=None):
     raise config_lib.ConfigError(
         f"--batch_size={t.batch_size}: not divisible by the {replicas} replicas")
   chief = distribute.is_chief(strategy)
-  ckpt_dir = os.path.join(t.workdir, "checkpoints")
-  if not chief:  # Other workers must save too (collectives), but not over the chief.
+  # Every worker restores the chief's checkpoints (the workdir is on a file system
+  # all hosts share), so that all of them resume at the same step and run the same
+  # collectives. The others must save too (saving is collective) but not over the
+  # chief's files.
+  ckpt_dir = chief_ckpt_dir = os.path.join(t.workdir, "checkpoints")
+  if not chief:
     ckpt_dir = os.path.join(t.workdir, "tmp_workers", f"worker_{strategy.cluster_resolver.task_id}")
 
   saved = config_lib.load_saved_config(t.workdir)
-  if saved is not None and tf.train.latest_checkpoint(ckpt_dir):
+  if saved is not None and tf.train.latest_checkpoint(chief_ckpt_dir):
     config_lib.check_resume_compatible(saved, cfg)
 
   d = cfg.data
@@ -193,9 +206,10 @@ def run(cfg, flagfile_text=None):
           [v for obj in tracked.values() for v in getattr(obj, "variables", [obj])]),
           t.keep_checkpoints)
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=t.keep_checkpoints)
-    if manager.latest_checkpoint:
-      checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-      print(f"Resumed from {manager.latest_checkpoint}", flush=True)
+    latest = tf.train.latest_checkpoint(chief_ckpt_dir)
+    if latest:
+      checkpoint.restore(latest).assert_existing_objects_matched()
+      print(f"Resumed from {latest}", flush=True)
 
   step = int(model.step_counter.numpy())
   summary_path = os.path.join(t.workdir, "summary.json")
@@ -260,6 +274,16 @@ def run(cfg, flagfile_text=None):
           history = model.fit(dataset_from(step), epochs=t.epochs,
                               initial_epoch=step // spe, steps_per_epoch=spe,
                               callbacks=cbs, verbose=0, shuffle=False)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as e:
+      if not distribute.is_multi_worker(strategy):
+        raise
+      # MultiWorkerMirroredStrategy's heartbeats notice a dead peer within seconds and
+      # abort the collectives on every survivor.
+      reason = " ".join(e.message.split("}}")[-1].strip().splitlines()[:2])[:240]
+      raise WorkerLost(
+          f"a worker was lost after step {int(model.step_counter.numpy())} ({reason}); "
+          f"the last checkpoint ({tf.train.latest_checkpoint(chief_ckpt_dir) or 'none yet'}) is "
+          "kept: restart every worker with the same command to resume") from None
     except tf.errors.InvalidArgumentError as e:
       # Some Cholesky kernels raise instead of returning NaN on a matrix that is
       # not positive definite: the same failure as a non-finite loss.
@@ -330,6 +354,8 @@ def main(argv):
   except Preempted as e:
     print(f"preempted: {e}", file=sys.stderr, flush=True)
     sys.exit(143)
+  except WorkerLost as e:
+    flags_lib.exit_with_error(str(e), code=WORKER_LOST_EXIT_CODE)
   except (config_lib.ConfigError, data_lib.DataError, WorkdirError,
           callbacks_lib.NonFiniteLossError, callbacks_lib.CheckpointWriteError) as e:
     flags_lib.exit_with_error(str(e))

@@ -242,23 +242,22 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_worker_processes_on_loopback_train_together(tmp_path):
-  """MultiWorkerMirroredStrategy from TF_CONFIG: two processes, one global batch."""
-  workdir = str(tmp_path / "run")
-  cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+def _launch_workers(workdir, *args, ports=None):
+  """Two MultiWorkerMirroredStrategy workers on loopback, configured by TF_CONFIG."""
+  ports = ports or [_free_port(), _free_port()]
+  cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
   procs = []
   for index in range(2):
     tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, TF_CONFIG=tf_config)
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
-         f"--workdir={workdir}", "--strategy=multi_worker", "--probe_epochs=0"],
+         f"--workdir={workdir}", "--strategy=multi_worker", "--probe_epochs=0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
-  outputs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  assert "Epoch 2/2: 3 steps" in outputs[0][0]   # the chief reports progress
-  # Both workers hold the same covariance state: both saw the same global batches.
+  return procs, ports
+
+
+def _assert_workers_agree(workdir):
   import numpy as np
   import tensorflow as tf
   chief = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints"))
@@ -266,9 +265,73 @@ def test_two_worker_processes_on_loopback_train_together(tmp_path):
   for name in ("R1", "mu2", "R12"):
     key = f"loss_state/{name}/.ATTRIBUTES/VARIABLE_VALUE"
     np.testing.assert_array_equal(chief.get_tensor(key), other.get_tensor(key))
-  s = summary(workdir)
+
+
+def test_two_workers_match_one_process_on_the_same_global_batch(tmp_path):
+  """Two worker processes vs one process with two replicas: same data, same result."""
+  import numpy as np
+  import tensorflow as tf
+  workers_dir, single_dir = str(tmp_path / "workers"), str(tmp_path / "single")
+  procs, _ = _launch_workers(workers_dir, "--deterministic")
+  single = subprocess.Popen(
+      [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
+       f"--workdir={single_dir}", "--strategy=mirrored", "--num_cpu_devices=2",
+       "--probe_epochs=0", "--deterministic"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT))
+  outputs = [p.communicate(timeout=300) for p in procs + [single]]
+  for p, (out, err) in zip(procs + [single], outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "Epoch 2/2: 3 steps" in outputs[0][0]   # the chief reports progress
+  _assert_workers_agree(workers_dir)
+  s = summary(workers_dir)
   assert s["replicas"] == 2 and s["step"] == 6
-  assert checkpoints(workdir) == [3, 6]
+  assert checkpoints(workers_dir) == [3, 6]
+
+  a = tf.train.load_checkpoint(os.path.join(workers_dir, "checkpoints"))
+  b = tf.train.load_checkpoint(os.path.join(single_dir, "checkpoints"))
+  keys = [k for k in a.get_variable_to_shape_map()
+          if k.startswith(("encoder/", "projector/", "loss_state/", "optimizer/"))
+          and "VARIABLE_VALUE" in k]
+  assert len(keys) > 50 and set(keys) <= set(b.get_variable_to_shape_map())
+  worst = 0.0
+  for key in keys:
+    x, y = a.get_tensor(key), b.get_tensor(key)
+    if x.dtype.kind != "f":
+      np.testing.assert_array_equal(x, y, err_msg=key)
+      continue
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=key)
+    worst = max(worst, float(np.max(np.abs(x - y))))
+  loss_w, loss_s = s["final_terms"]["loss"], summary(single_dir)["final_terms"]["loss"]
+  assert loss_w == pytest.approx(loss_s, rel=1e-5)
+  print(f"two workers vs one process, {len(keys)} tensors after 6 steps: max |diff| "
+        f"{worst:.2e}; final loss {loss_w!r} vs {loss_s!r}")
+
+
+def test_a_killed_worker_costs_only_the_work_since_the_last_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  procs, ports = _launch_workers(workdir, "--epochs=10")
+  deadline = time.time() + 240
+  while not checkpoints(workdir) and time.time() < deadline:
+    time.sleep(0.05)
+  procs[1].kill()
+  _, err = procs[0].communicate(timeout=240)
+  procs[1].communicate()
+  last = err.strip().splitlines()[-1]
+  assert procs[0].returncode == 75, err[-2000:]
+  assert last.startswith("error: a worker was lost after step ") and "is kept" in last, last
+  assert "Traceback" not in err
+  kept = checkpoints(workdir)
+  assert kept and kept[-1] < 30
+  # The scheduler restarts both workers with the same command.
+  procs, _ = _launch_workers(workdir, "--epochs=10", ports=ports)
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert f"Resumed from {os.path.join(workdir, 'checkpoints', f'ckpt-{kept[-1]}')}" in \
+      outputs[0][0]
+  assert summary(workdir)["step"] == 30
+  _assert_workers_agree(workdir)
 
 
 def test_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_path):
