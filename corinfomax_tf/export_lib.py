@@ -240,3 +240,47 @@ def load_encoder(path):
     return FrozenEncoder(call, metadata, encoder.trainable_variables, owner=encoder)
   raise ExportError(f"--encoder={path}: neither a corinfomax_tf export nor a training "
                     "workdir")
+
+
+def load_trainable_encoder(path, name="encoder"):
+  """(Keras ResNetEncoder, metadata): the weights of an export (or training workdir)
+  in a live, trainable encoder, for fine-tuning.
+
+  The architecture is rebuilt from the export's metadata and every variable is
+  copied from the SavedModel (the `variables` collection keeps the encoder's own
+  order); the rebuilt encoder is then checked against the export's own
+  `call_inference` on a random batch, so a mismatch can never go unnoticed. The
+  returned encoder takes normalised images (metadata["normalization"]).
+  """
+  import numpy as np
+
+  from corinfomax_tf.models import resnet
+  if not os.path.exists(path):
+    raise ExportError(f"--encoder={path}: does not exist")
+  if os.path.isfile(os.path.join(path, "config.json")) and not is_our_export(path):
+    encoder, config, step = restore_encoder(path)
+    return encoder, metadata_for(encoder, config, step)
+  metadata = read_metadata(path)
+  arch = metadata["architecture"]
+  loaded = tf.saved_model.load(path)
+  encoder = resnet.ResNetEncoder(depth=arch["depth"], stem=arch["stem"],
+                                 width=arch["width"], name=name)
+  saved = list(getattr(loaded, "variables", []))
+  if len(saved) != len(encoder.variables) or any(
+      tuple(a.shape) != tuple(b.shape) for a, b in zip(saved, encoder.variables)):
+    raise ExportError(f"--encoder={path}: its {len(saved)} variables do not match a "
+                      f"ResNet-{arch['depth']} ({arch['stem']} stem, width "
+                      f"{arch['width']}) with {len(encoder.variables)}")
+  for target, value in zip(encoder.variables, saved):
+    target.assign(value)
+  size = metadata["image_size"]
+  images = tf.random.stateless_uniform([2, size, size, 3], seed=[0, 1])
+  mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
+  std = tf.constant(metadata["normalization"]["std"], tf.float32)
+  want = loaded.call_inference(images).numpy()
+  got = encoder((images - mean) / std, training=False).numpy()
+  if not np.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max())):
+    raise ExportError(f"--encoder={path}: the rebuilt encoder does not reproduce the "
+                      "export's features (max difference "
+                      f"{np.abs(got - want).max():.3g}); re-export it")
+  return encoder, metadata

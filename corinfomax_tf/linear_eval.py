@@ -70,8 +70,9 @@ def load_source_for(encoder_metadata, f):
       max_image_pixels=f.max_image_pixels)
   for scan in source.scans:
     print(scan.summary(), flush=True)
-  if f.num_classes and f.num_classes != source.num_classes:
-    raise EvalError(f"--num_classes={f.num_classes}: --dataset={f.dataset} has "
+  expected = getattr(f, "num_classes", 0)
+  if expected and expected != source.num_classes:
+    raise EvalError(f"--num_classes={expected}: --dataset={f.dataset} has "
                     f"{source.num_classes} classes")
   return source
 

@@ -14,3 +14,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from corinfomax_tf import distribute  # noqa: E402
 
 CPU_DEVICES = distribute.split_cpu(2)
+
+
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """A smoke-trained workdir and its export, shared by the export, fine-tuning and
+  detection tests."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+
+  def run(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+  base = tmp_path_factory.mktemp("export")
+  workdir = str(base / "run")
+  result = run("-m", "corinfomax_tf.train", f"--flagfile={ROOT}/configs/smoke.cfg",
+               f"--workdir={workdir}", "--probe_epochs=0")
+  assert result.returncode == 0, result.stderr[-3000:]
+  export_dir = os.path.join(workdir, "export")
+  result = run("export/export_encoder.py", f"--workdir={workdir}", f"--export_dir={export_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "reload check passed" in result.stdout
+  return workdir, export_dir

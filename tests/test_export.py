@@ -22,21 +22,6 @@ def run(*args, timeout=300):
                         timeout=timeout, env=ENV, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A smoke-trained workdir and its export."""
-  base = tmp_path_factory.mktemp("export")
-  workdir = str(base / "run")
-  result = run("-m", "corinfomax_tf.train", f"--flagfile={SMOKE}", f"--workdir={workdir}",
-               "--probe_epochs=0")
-  assert result.returncode == 0, result.stderr[-3000:]
-  export_dir = os.path.join(workdir, "export")
-  result = run("export/export_encoder.py", f"--workdir={workdir}", f"--export_dir={export_dir}")
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "reload check passed" in result.stdout
-  return workdir, export_dir
-
-
 def test_export_layout_and_metadata(trained):
   workdir, export_dir = trained
   assert os.path.islink(export_dir)
