@@ -20,8 +20,9 @@ def parse(*args):
   return config.from_flags(FLAGS)
 
 
+DOWNSTREAM_PREFIXES = ("linear_", "semisup_", "detection_")
 PRETRAINING_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.cfg"))
-                             if not os.path.basename(p).startswith("linear_"))
+                             if not os.path.basename(p).startswith(DOWNSTREAM_PREFIXES))
 LINEAR_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "linear_*.cfg")))
 
 
@@ -132,3 +133,32 @@ def test_flags_that_contradict_the_rest_are_named(args, needle):
   with pytest.raises(config.ConfigError) as info:
     parse(f"--flagfile={ROOT}/configs/digits.cfg", *args)
   assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("module, prefix, expected", [
+    ("finetune", "semisup_", 3),
+    ("detect", "detection_", 2),
+])
+def test_downstream_flagfiles_parse_with_their_command(module, prefix, expected):
+  """Each downstream command's flagfiles, parsed with its own flags (and the
+  contradiction check) in a separate process."""
+  import subprocess
+  import sys
+  paths = sorted(glob.glob(os.path.join(ROOT, "configs", f"{prefix}*.cfg")))
+  script = (
+      "import sys\n"
+      "from absl import flags\n"
+      f"from corinfomax_tf import {module} as m\n"
+      "from corinfomax_tf import flags as flags_lib\n"
+      "m.define_flags()\n"
+      "for path in sys.argv[1:]:\n"
+      "  assert flags_lib.flagfile_contradiction(['x', '--flagfile=' + path]) is None\n"
+      "  flags.FLAGS.unparse_flags()\n"
+      "  flags.FLAGS(['x', '--flagfile=' + path])\n"
+      "  assert open(path).readline().startswith('# '), path\n"
+      "  print(path, flags.FLAGS.epochs)\n")
+  result = subprocess.run([sys.executable, "-c", script, *paths],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert len(result.stdout.strip().splitlines()) == len(paths) == expected

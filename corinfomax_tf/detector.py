@@ -1,0 +1,78 @@
+"""A keras-hub RetinaNet on our encoder's feature maps.
+
+keras-hub names pyramid levels by stride: level l is 2**l times smaller than the
+image, and its anchors are sized for that. Our encoder's stage outputs are P2..P5 by
+stage; with the ImageNet stem their strides are 4..32 (levels 2..5, as keras-hub
+expects), with the CIFAR stem 1..8 (levels 0..3), so they are renamed by their true
+stride before they reach the feature pyramid. Defaults: levels 3-7 with the ImageNet
+stem (COCO's RetinaNet), 2-4 with the CIFAR stem (small images and objects).
+
+The detector takes float images in [0, 1]; the encoder's training normalisation is
+its first layer.
+"""
+
+import math
+
+import keras
+import numpy as np
+
+STAGE_STRIDES = {"cifar": {"P2": 1, "P3": 2, "P4": 4, "P5": 8},
+                 "imagenet": {"P2": 4, "P3": 8, "P4": 16, "P5": 32}}
+DEFAULT_LEVELS = {"cifar": (2, 4), "imagenet": (3, 7)}
+
+
+class DetectorError(ValueError):
+  """Detector settings that cannot work; the message names the flag."""
+
+
+def levels_for(stem, min_level=0, max_level=0):
+  """(min_level, max_level), defaults by stem, checked against the backbone."""
+  default_min, default_max = DEFAULT_LEVELS[stem]
+  min_level, max_level = min_level or default_min, max_level or default_max
+  available = sorted(int(math.log2(s)) for s in STAGE_STRIDES[stem].values())
+  if not available[0] <= min_level <= available[-1]:
+    raise DetectorError(f"--min_level={min_level}: the {stem}-stem encoder gives levels "
+                        f"{available[0]}..{available[-1]}")
+  if max_level < min_level:
+    raise DetectorError(f"--max_level={max_level}: must be >= --min_level={min_level}")
+  if max_level >= 5 and available[-1] < 5:
+    raise DetectorError(f"--max_level={max_level}: keras-hub's pyramid needs backbone "
+                        f"level 5 for that; the {stem}-stem encoder ends at "
+                        f"{available[-1]} (use --max_level<=4)")
+  return min_level, max_level
+
+
+def build_detector(encoder, metadata, num_classes, *, image_size, min_level=0,
+                   max_level=0, head_convs=2, confidence_threshold=0.05,
+                   max_detections=100):
+  """RetinaNetObjectDetector whose backbone is `encoder` (shared, trainable)."""
+  import keras_hub
+  stem = metadata["architecture"]["stem"]
+  min_level, max_level = levels_for(stem, min_level, max_level)
+  if image_size % 2**max_level:
+    raise DetectorError(f"--image_size={image_size}: must be divisible by "
+                        f"2**max_level = {2**max_level}")
+  mean = np.asarray(metadata["normalization"]["mean"], np.float32)
+  std = np.asarray(metadata["normalization"]["std"], np.float32)
+  images = keras.Input((image_size, image_size, 3), name="images")
+  normalized = keras.layers.Normalization(mean=mean, variance=std**2,
+                                          name="normalize")(images)
+  stages = encoder.feature_map_model()(normalized)
+  levels = {f"P{int(math.log2(STAGE_STRIDES[stem][name]))}": tensor
+            for name, tensor in stages.items()}
+  image_encoder = keras_hub.models.FeaturePyramidBackbone(inputs=images, outputs=levels,
+                                                          name="image_encoder")
+  image_encoder.pyramid_outputs = levels
+  backbone = keras_hub.models.RetinaNetBackbone(
+      image_encoder=image_encoder, min_level=min_level, max_level=max_level, use_p5=False,
+      image_shape=(image_size, image_size, 3), name="retinanet_backbone")
+  anchors = keras_hub.layers.AnchorGenerator(
+      "xyxy", min_level=min_level, max_level=max_level, num_scales=3,
+      aspect_ratios=[0.5, 1.0, 2.0], anchor_size=4)
+  decoder = keras_hub.layers.NonMaxSuppression(
+      bounding_box_format="xyxy", from_logits=True, iou_threshold=0.5,
+      confidence_threshold=confidence_threshold, max_detections=max_detections)
+  return keras_hub.models.RetinaNetObjectDetector(
+      backbone=backbone, num_classes=num_classes, bounding_box_format="xyxy",
+      anchor_generator=anchors, pre_logits_num_conv_layers=head_convs,
+      prediction_decoder=decoder, name="retinanet")
