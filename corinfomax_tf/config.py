@@ -102,6 +102,8 @@ class TrainConfig:
   seed: int = 0
   strategy: str = "default"
   num_cpu_devices: int = 0          # >1: split the CPU into logical devices
+  cluster_resolver: str = "tf_config"
+  slurm_port_base: int = 8888
   keep_checkpoints: int = 3
   log_every_steps: int = 10
   probe_epochs: int = 100
@@ -244,6 +246,9 @@ def from_flags(f):
   _check(f.steps_per_epoch >= 0, "steps_per_epoch", f.steps_per_epoch, "must be >= 0")
   _check(f.strategy in STRATEGIES, "strategy", f.strategy, f"must be one of {STRATEGIES}")
   _check(f.num_cpu_devices >= 0, "num_cpu_devices", f.num_cpu_devices, "must be >= 0")
+  _check(f.cluster_resolver == "tf_config" or f.strategy == "multi_worker",
+         "cluster_resolver", f.cluster_resolver,
+         f"is read only with --strategy=multi_worker (--strategy={f.strategy})")
   _check(f.num_cpu_devices == 0 or f.strategy == "mirrored", "num_cpu_devices",
          f.num_cpu_devices, f"is read only with --strategy=mirrored (--strategy={f.strategy})")
   _check(f.keep_checkpoints >= 1, "keep_checkpoints", f.keep_checkpoints, "must be >= 1")
@@ -270,6 +275,8 @@ def from_flags(f):
   train = TrainConfig(workdir=f.workdir, epochs=f.epochs, batch_size=f.batch_size,
                       steps_per_epoch=f.steps_per_epoch, seed=f.seed, strategy=f.strategy,
                       num_cpu_devices=f.num_cpu_devices,
+                      cluster_resolver=f.cluster_resolver,
+                      slurm_port_base=f.slurm_port_base,
                       keep_checkpoints=f.keep_checkpoints,
                       log_every_steps=f.log_every_steps, probe_epochs=f.probe_epochs,
                       probe_random=f.probe_random, online_probe=f.online_probe,

@@ -22,7 +22,38 @@ def split_cpu(num_devices):
   return [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
-def make_strategy(name, num_cpu_devices=0):
+class StrategyError(ValueError):
+  """The cluster cannot be resolved; the message names the flag or variable."""
+
+
+SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
+                   "SLURM_STEP_TASKS_PER_NODE")
+
+
+def cluster_resolver(kind, port_base=8888):
+  """None (TF_CONFIG, TensorFlow's default) or a SlurmClusterResolver.
+
+  Under SLURM every task started by `srun` gets the cluster from SLURM's own
+  variables: hosts from the step's node list, its index from SLURM_PROCID, one port
+  per task from `port_base` on.
+  """
+  if kind == "tf_config":
+    return None
+  if kind != "slurm":
+    raise StrategyError(f"--cluster_resolver={kind}: must be tf_config or slurm")
+  missing = [v for v in SLURM_VARIABLES if v not in os.environ]
+  if missing:
+    raise StrategyError(f"--cluster_resolver=slurm: {missing[0]} is not set (start "
+                        "the command with srun inside a SLURM allocation)")
+  if tf.config.list_physical_devices("GPU"):
+    return tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base)
+  # CPU-only nodes: the resolver asks nvidia-smi for GPUs and lists one task per GPU
+  # slot (none with 0 GPUs), so it is given dummy slots and told not to apply them.
+  return tf.distribute.cluster_resolver.SlurmClusterResolver(
+      port_base=port_base, gpus_per_node=1024, gpus_per_task=1, auto_set_gpu=False)
+
+
+def make_strategy(name, num_cpu_devices=0, resolver="tf_config", port_base=8888):
   """default | mirrored | multi_worker -> a tf.distribute.Strategy."""
   if name == "default":
     return tf.distribute.get_strategy()
@@ -39,7 +70,8 @@ def make_strategy(name, num_cpu_devices=0):
         json.loads(os.environ["TF_CONFIG"])
       except ValueError as e:
         raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from None
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=cluster_resolver(resolver, port_base))
   raise ValueError(f"--strategy={name}: must be default, mirrored or multi_worker")
 
 

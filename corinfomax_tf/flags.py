@@ -106,6 +106,11 @@ def define_flags():
   _track(f.DEFINE_string, "strategy", "default",
          "default (one device), mirrored (all local GPUs, or --num_cpu_devices CPUs), "
          "multi_worker (TF_CONFIG).")
+  _track(f.DEFINE_enum, "cluster_resolver", "tf_config", ["tf_config", "slurm"],
+         "With --strategy=multi_worker: the cluster from TF_CONFIG, or from SLURM's "
+         "variables (every task started by srun).")
+  _track(f.DEFINE_integer, "slurm_port_base", 8888,
+         "With --cluster_resolver=slurm: first port of the workers' servers.")
   _track(f.DEFINE_integer, "num_cpu_devices", 0,
          "With --strategy=mirrored and no GPU: split the CPU into this many devices.")
   _track(f.DEFINE_integer, "keep_checkpoints", 3, "Checkpoints kept in the workdir.")

@@ -138,7 +138,8 @@ def run(cfg, flagfile_text=None):
 
   t = cfg.train
   prepare_workdir(t.workdir)
-  strategy = distribute.make_strategy(t.strategy, t.num_cpu_devices)
+  strategy = distribute.make_strategy(t.strategy, t.num_cpu_devices, t.cluster_resolver,
+                                      t.slurm_port_base)
   replicas = strategy.num_replicas_in_sync
   if t.batch_size % replicas:
     raise config_lib.ConfigError(
@@ -349,6 +350,7 @@ def main(argv):
     flags_lib.exit_with_error(str(e))
   from corinfomax_tf import callbacks as callbacks_lib
   from corinfomax_tf import data as data_lib
+  from corinfomax_tf.distribute import StrategyError
   try:
     run(cfg, flags_lib.resolved_flagfile(FLAGS))
   except Preempted as e:
@@ -356,7 +358,7 @@ def main(argv):
     sys.exit(143)
   except WorkerLost as e:
     flags_lib.exit_with_error(str(e), code=WORKER_LOST_EXIT_CODE)
-  except (config_lib.ConfigError, data_lib.DataError, WorkdirError,
+  except (config_lib.ConfigError, data_lib.DataError, WorkdirError, StrategyError,
           callbacks_lib.NonFiniteLossError, callbacks_lib.CheckpointWriteError) as e:
     flags_lib.exit_with_error(str(e))
 

@@ -111,3 +111,21 @@ def test_logged_loss_is_the_computed_loss(strategies):
   expected = fresh.compute_loss_terms(x1, x2, training=True)
   np.testing.assert_allclose(history["loss"][0], expected["loss"].numpy(), rtol=1e-5)
   np.testing.assert_allclose(history["cov"][0], expected["cov"].numpy(), rtol=1e-5)
+
+
+def test_slurm_resolver_builds_the_cluster_from_slurm_variables(monkeypatch):
+  from corinfomax_tf import distribute
+  with pytest.raises(distribute.StrategyError, match="--cluster_resolver=slurm: "
+                     "SLURM_PROCID is not set"):
+    for name in distribute.SLURM_VARIABLES:
+      monkeypatch.delenv(name, raising=False)
+    distribute.cluster_resolver("slurm")
+  # What srun sets for task 1 of two tasks on two nodes.
+  for name, value in (("SLURM_PROCID", "1"), ("SLURM_STEP_NUM_TASKS", "2"),
+                      ("SLURM_STEP_NODELIST", "node[07-08]"),
+                      ("SLURM_STEP_TASKS_PER_NODE", "1(x2)")):
+    monkeypatch.setenv(name, value)
+  resolver = distribute.cluster_resolver("slurm", port_base=9000)
+  assert resolver.cluster_spec().as_dict() == {"worker": ["node07:9000", "node08:9000"]}
+  assert (resolver.task_type, resolver.task_id) == ("worker", 1)
+  assert distribute.cluster_resolver("tf_config") is None
