@@ -28,7 +28,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 
 from corinfomax_tf import flags as flags_lib  # noqa: E402
 
@@ -179,6 +178,7 @@ def run_detection(encoder, metadata, source, *, workdir, image_size=48, epochs=1
   import tensorflow as tf
 
   from corinfomax_tf import detector as detector_lib
+  from corinfomax_tf import atomic_files
   from corinfomax_tf import schedules
   os.makedirs(workdir, exist_ok=True)
   keras.utils.set_random_seed(seed)
@@ -239,10 +239,7 @@ def run_detection(encoder, metadata, source, *, workdir, image_size=48, epochs=1
                 num_test=source.num_test, num_classes=source.num_classes,
                 class_names=list(source.class_names), seed=seed,
                 parameters=int(detector.count_params()), **(provenance or {}))
-  tmp = result_path + ".tmp"
-  with open(tmp, "w") as fh:
-    json.dump(result, fh, indent=2, sort_keys=True)
-  os.replace(tmp, result_path)
+  atomic_files.write_json_atomic(result_path, result, indent=2, sort_keys=True)
   return result
 
 
@@ -288,12 +285,7 @@ def _check_flags(f):
 
 
 def main(argv):
-  if not FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  if len(argv) > 1:
-    flags_lib.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.encoder:
-    flags_lib.exit_with_error("--encoder is required (an encoder export directory)")
+  flags_lib.begin_command(argv, FLAGS, encoder_help="an encoder export directory")
   from corinfomax_tf import callbacks as callbacks_lib
   from corinfomax_tf import data as data_lib
   from corinfomax_tf import detector as detector_lib

@@ -29,7 +29,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 
 from corinfomax_tf import flags as flags_lib  # noqa: E402
 
@@ -82,22 +81,28 @@ def train_labels(source):
   return np.fromiter((int(y) for y in labels.as_numpy_iterator()), np.int64)
 
 
-def labelled_images(source, indices, *, image_size, batch_size, crop_min_scale,
-                    hflip_prob, seed, epoch):
-  """One epoch of augmented labelled batches; a function of (seed, epoch) alone, so
-  a resumed run sees what an uninterrupted one would have."""
+def labelled_examples(source, indices):
+  """The labelled (image, label) examples, in the training split's order; cached
+  decoded when the source is small, so that later epochs neither re-read the split
+  nor re-filter it."""
   import numpy as np
   import tensorflow as tf
-
-  from corinfomax_tf import augment
   mask = np.zeros(source.num_train, bool)
   mask[indices] = True
   mask = tf.constant(mask)
   ds = source.train.enumerate().filter(lambda i, example: tf.gather(mask, i))
   ds = ds.map(lambda i, example: example)
-  if source.in_memory:
-    ds = ds.cache()
-  ds = ds.shuffle(len(indices), seed=seed * 100_003 + epoch)
+  return ds.cache() if source.in_memory else ds
+
+
+def labelled_images(examples, num_labelled, *, image_size, batch_size, crop_min_scale,
+                    hflip_prob, seed, epoch):
+  """One epoch of augmented labelled batches; a function of (seed, epoch) alone, so
+  a resumed run sees what an uninterrupted one would have."""
+  import tensorflow as tf
+
+  from corinfomax_tf import augment
+  ds = examples.shuffle(num_labelled, seed=seed * 100_003 + epoch)
   seeds = tf.data.Dataset.random(seed=seed * 100_003 + epoch)
 
   def prep(example, element_seed):
@@ -128,15 +133,6 @@ def random_encoder_like(metadata, seed):
                               name="encoder")
 
 
-def step_schedule(base_lr, decay_epochs, factor, steps_per_epoch):
-  import keras
-  boundaries = [int(e) * steps_per_epoch for e in decay_epochs]
-  if not boundaries:
-    return base_lr
-  return keras.optimizers.schedules.PiecewiseConstantDecay(
-      boundaries, [base_lr * factor**i for i in range(len(boundaries) + 1)])
-
-
 def evaluate(encoder, head, dataset, mean, std):
   import numpy as np
 
@@ -163,6 +159,7 @@ def run_finetune(encoder, metadata, source, *, workdir, label_fraction=0.1, subs
   from corinfomax_tf import callbacks as callbacks_lib
   from corinfomax_tf import label_subsets
   from corinfomax_tf import linear_eval
+  from corinfomax_tf import atomic_files
   from corinfomax_tf import schedules
   os.makedirs(workdir, exist_ok=True)
   image_size = metadata["image_size"]
@@ -182,10 +179,10 @@ def run_finetune(encoder, metadata, source, *, workdir, label_fraction=0.1, subs
   head = keras.layers.Dense(num_classes, name="head")
   head.build((None, encoder.feature_dim))
   opt_backbone = schedules.ReferenceSGD(
-      step_schedule(backbone_lr, lr_decay_epochs, lr_decay_factor, steps_per_epoch),
+      schedules.step_schedule(backbone_lr, lr_decay_epochs, lr_decay_factor, steps_per_epoch),
       momentum=momentum, l2_weight_decay=weight_decay)
   opt_head = schedules.ReferenceSGD(
-      step_schedule(head_lr, lr_decay_epochs, lr_decay_factor, steps_per_epoch),
+      schedules.step_schedule(head_lr, lr_decay_epochs, lr_decay_factor, steps_per_epoch),
       momentum=momentum, l2_weight_decay=weight_decay)
   opt_backbone.build(encoder.trainable_variables)
   opt_head.build(head.trainable_variables)
@@ -212,6 +209,7 @@ def run_finetune(encoder, metadata, source, *, workdir, label_fraction=0.1, subs
     return loss, hits
 
   test_ds = linear_eval.eval_images(source.test, image_size)
+  examples = labelled_examples(source, indices)
   writers = (tf.summary.create_file_writer(os.path.join(workdir, "train")),
              tf.summary.create_file_writer(os.path.join(workdir, "eval")))
   result_path = os.path.join(workdir, RESULT_FILE)
@@ -226,7 +224,7 @@ def run_finetune(encoder, metadata, source, *, workdir, label_fraction=0.1, subs
   for epoch in range(int(epoch_var.numpy()) + 1, epochs + 1):
     start, losses, correct, seen = time.time(), [], 0, 0
     for images, labels in labelled_images(
-        source, indices, image_size=image_size, batch_size=batch_size,
+        examples, len(indices), image_size=image_size, batch_size=batch_size,
         crop_min_scale=crop_min_scale, hflip_prob=hflip_prob, seed=seed, epoch=epoch):
       labels = tf.cast(labels, tf.int64)
       loss, hits = train_step(images, labels)
@@ -270,10 +268,7 @@ def run_finetune(encoder, metadata, source, *, workdir, label_fraction=0.1, subs
       batch_size=batch_size, backbone_lr=backbone_lr, head_lr=head_lr,
       lr_decay_epochs=[int(e) for e in lr_decay_epochs], lr_decay_factor=lr_decay_factor,
       weight_decay=weight_decay, seed=seed, **(provenance or {}))
-  tmp = result_path + ".tmp"
-  with open(tmp, "w") as fh:
-    json.dump(result, fh, indent=2, sort_keys=True)
-  os.replace(tmp, result_path)
+  atomic_files.write_json_atomic(result_path, result, indent=2, sort_keys=True)
   return result
 
 
@@ -315,12 +310,7 @@ def default_workdir(f):
 
 
 def main(argv):
-  if not FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  if len(argv) > 1:
-    flags_lib.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.encoder:
-    flags_lib.exit_with_error("--encoder is required (an encoder export directory)")
+  flags_lib.begin_command(argv, FLAGS, encoder_help="an encoder export directory")
   from corinfomax_tf import callbacks as callbacks_lib
   from corinfomax_tf import data as data_lib
   from corinfomax_tf import export_lib

@@ -161,6 +161,19 @@ def resolved_flagfile(flag_values):
   return "\n".join(lines) + "\n"
 
 
+def begin_command(argv, flag_values, encoder_help=None):
+  """The evaluation and fine-tuning commands' common start: absl logging quiet unless
+  --verbosity is given, no stray arguments, and --encoder when `encoder_help` says
+  what it must be."""
+  from absl import logging
+  if not flag_values["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
+  if encoder_help and not flag_values.encoder:
+    exit_with_error(f"--encoder is required ({encoder_help})")
+
+
 def exit_with_error(message, code=2):
   """The commands' one-line error: `error: <message>` on stderr, exit status 2."""
   print(f"error: {message}", file=sys.stderr, flush=True)

@@ -14,7 +14,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 
 from corinfomax_tf import flags as flags_lib  # noqa: E402
 from corinfomax_tf import linear_eval  # noqa: E402
@@ -46,12 +45,7 @@ def run_knn_eval(encoder, source, *, image_size, ks=(20, 200), temperature=0.07)
 
 
 def main(argv):
-  if not FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  if len(argv) > 1:
-    flags_lib.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.encoder:
-    flags_lib.exit_with_error("--encoder is required (an export directory or a training workdir)")
+  flags_lib.begin_command(argv, FLAGS, encoder_help="an export directory or a training workdir")
   try:
     ks = tuple(int(k) for k in FLAGS.k)
     assert ks and min(ks) >= 1

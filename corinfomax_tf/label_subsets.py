@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from corinfomax_tf import atomic_files
+
 SUBSET_FILE = "label_subset.json"
 
 
@@ -76,8 +78,5 @@ def subset_for_workdir(workdir, labels, fraction, seed, num_classes):
   record = dict(fraction=fraction, seed=seed, labels_digest=digest,
                 num_train=int(len(labels)), num_labelled=int(len(indices)),
                 per_class=per_class.tolist(), indices=indices.tolist())
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
-    json.dump(record, fh)
-  os.replace(tmp, path)
+  atomic_files.write_json_atomic(path, record)
   return indices

@@ -22,7 +22,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 
 from corinfomax_tf import flags as flags_lib  # noqa: E402
 
@@ -153,9 +152,8 @@ def run_linear_eval(encoder, source, *, image_size, epochs=100, batch_size=256, 
     lr_fn = schedules.WarmupCosine(base_lr=lr, total_steps=total, warmup_steps=0,
                                    min_lr=min_lr)
   else:
-    boundaries = [steps_per_epoch * e for e in range(step_epochs, epochs, step_epochs)]
-    lr_fn = keras.optimizers.schedules.PiecewiseConstantDecay(
-        boundaries, [lr * 0.1**i for i in range(len(boundaries) + 1)])
+    lr_fn = schedules.step_schedule(lr, range(step_epochs, epochs, step_epochs), 0.1,
+                                    steps_per_epoch)
   head = keras.layers.Dense(num_classes, name="linear")
   head.build((None, int(test_x.shape[1])))
   optimizer = schedules.ReferenceSGD(lr_fn, momentum=momentum, l2_weight_decay=weight_decay)
@@ -231,12 +229,7 @@ def write_result(out, name, result, f, encoder):
 
 
 def main(argv):
-  if not FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  if len(argv) > 1:
-    flags_lib.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.encoder:
-    flags_lib.exit_with_error("--encoder is required (an export directory or a training workdir)")
+  flags_lib.begin_command(argv, FLAGS, encoder_help="an export directory or a training workdir")
   from corinfomax_tf import data as data_lib
   from corinfomax_tf import export_lib
   try:

@@ -22,6 +22,7 @@ from absl import flags as absl_flags
 from absl import logging as absl_logging
 
 from corinfomax_tf import config as config_lib
+from corinfomax_tf.atomic_files import write_atomic
 from corinfomax_tf import flags as flags_lib
 
 FLAGS = absl_flags.FLAGS
@@ -75,13 +76,6 @@ def check_free_space(workdir, checkpoint_bytes, keep, free_bytes=None):
         f"--workdir={workdir}: {free / mib:.0f} MiB free, the run needs about "
         f"{needed / mib:.0f} MiB ({keep + 1} checkpoints of {checkpoint_bytes / mib:.0f} MiB "
         "and logs); free space, or lower --keep_checkpoints")
-
-
-def write_atomic(path, text):
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as fh:
-    fh.write(text)
-  os.replace(tmp, path)
 
 
 def steps_per_epoch(cfg, num_train):

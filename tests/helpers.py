@@ -21,3 +21,19 @@ def write_image_folder(root, classes=3, per_class=6, size=(20, 24), splits=("tra
         Image.fromarray((pixels * 255).astype(np.uint8)).save(
             os.path.join(folder, f"{i}.png"))
   return root
+
+
+def assert_one_line_errors(module, common, cases, env, cwd):
+  """Runs `python -m module *common *args` for every (args, needle) case at once
+  (bad input stops before training, so they are cheap together) and asserts exit
+  status 2, `needle` in the last stderr line, and no traceback."""
+  import subprocess
+  import sys
+  procs = [(subprocess.Popen([sys.executable, "-m", module, *common, *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env, cwd=cwd), needle) for args, needle in cases]
+  for proc, needle in procs:
+    _, err = proc.communicate(timeout=300)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 2 and needle in last, err[-2000:]
+    assert "Traceback" not in err
