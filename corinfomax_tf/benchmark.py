@@ -11,7 +11,8 @@ Measured in one run, on one machine:
     from the graph: the forward pass of encoder + projector for one image, by
     TensorFlow's graph profiler, times 3 for forward + backward, times 2 views);
   * the input pipeline alone (two augmented views per image), images/s in all and per
-    core;
+    core, and the rate at which one of --pipeline_workers workers feeds its part of
+    each global batch (each worker decodes and augments only its own images);
   * the loss alone (covariance updates + two log-determinants, forward and backward)
     for several D, as a share of the step;
   * the number of traces of the step function (1 means no retracing).
@@ -43,6 +44,9 @@ def define_flags():
   flags.DEFINE_list("loss_dims", ["64", "128", "512", "1024", "2048"],
                     "Projector dimensions D at which the loss alone is timed.")
   flags.DEFINE_integer("pipeline_batches", 10, "Batches timed for the input pipeline.")
+  flags.DEFINE_integer("pipeline_workers", 2,
+                       "Also time one worker's input pipeline when this many workers "
+                       "share each global batch (1: skip).")
   flags.DEFINE_integer("matmul_size", 4096, "Size n of the n x n float32 reference matmul.")
 
 
@@ -140,32 +144,44 @@ def synthetic_source(image_size, count=4096):
   return data_lib.Source("synthetic", ds, ds, count, count, 1, in_memory=True)
 
 
-def time_pipeline(cfg, batch_size, batches):
+def time_pipeline(cfg, batch_size, batches, workers=1):
+  """Input pipeline rates, in global-batch images per second: the whole pipeline,
+  and (workers > 1) worker 0's pipeline when `workers` workers share each global
+  batch, i.e. how fast one worker feeds its part. The source is loaded as training
+  loads it (an image folder is decoded per step unless --cache)."""
+  import tensorflow as tf
+
   from corinfomax_tf import data as data_lib
   d = cfg.data
   try:
-    source = data_lib.load_source(
-        d.dataset, image_size=d.image_size, data_dir=d.data_dir or None,
-        tfds_data_dir=d.tfds_data_dir or None, train_split=d.train_split,
-        test_split=d.test_split, tfds_download=False, cache=True)
+    source = data_lib.load_source(d.dataset, **{**d.source_kwargs(), "tfds_download": False})
   except data_lib.DataError:
     # Decoded, cached images cost the same to augment whatever their content.
     source = synthetic_source(d.image_size)
-  ds = data_lib.two_view_dataset(source, global_batch_size=batch_size,
-                                 image_size=d.image_size,
-                                 views=(cfg.augment.view1, cfg.augment.view2),
-                                 mean=d.mean, std=d.std, seed=0)
-  it = iter(ds)
-  next(it)                     # start-up and cache fill are not timed
-  start = time.perf_counter()
-  for _ in range(batches):
-    next(it)
-  seconds = time.perf_counter() - start
-  images = batches * batch_size
+
+  def rate(context):
+    ds = data_lib.two_view_dataset(source, global_batch_size=batch_size,
+                                   image_size=d.image_size,
+                                   views=(cfg.augment.view1, cfg.augment.view2),
+                                   mean=d.mean, std=d.std, seed=0, input_context=context)
+    it = iter(ds)
+    next(it)                   # start-up and cache fill are not timed
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    return batches * batch_size / (time.perf_counter() - start)
+
+  whole = rate(None)
   cores = os.cpu_count() or 1
-  return {"images_per_second": images / seconds,
-          "images_per_second_per_core": images / seconds / cores, "cores": cores,
-          "source": source.name}
+  result = {"images_per_second": whole, "images_per_second_per_core": whole / cores,
+            "cores": cores, "source": source.name,
+            "decoded_per_step": not source.in_memory and source.train_encoded is not None}
+  if workers > 1:
+    # Worker 0 of `workers`, one replica each: per-replica batches of B / workers.
+    one = rate(tf.distribute.InputContext(workers, 0, workers))
+    result["sharded"] = {"workers": workers, "global_images_per_second_one_worker": one,
+                         "speedup_vs_whole": one / whole}
+  return result
 
 
 def time_loss(dim, batch_size, repeats=5):
@@ -197,7 +213,7 @@ def time_loss(dim, batch_size, repeats=5):
 
 
 def run_benchmark(cfg, *, batch_size, steps, warmup, jit, loss_dims, pipeline_batches,
-                  matmul_size):
+                  matmul_size, pipeline_workers=1):
   import tensorflow as tf
   result = {"config": {"depth": cfg.model.depth, "stem": cfg.model.stem,
                        "width": cfg.model.width, "projector": cfg.model.projector,
@@ -238,7 +254,7 @@ def run_benchmark(cfg, *, batch_size, steps, warmup, jit, loss_dims, pipeline_ba
       mfu_vs_matmul=achieved / matmul,
       peak_memory_bytes=memory,
       peak_memory_kind=memory_kind)
-  result["pipeline"] = time_pipeline(cfg, batch_size, pipeline_batches)
+  result["pipeline"] = time_pipeline(cfg, batch_size, pipeline_batches, pipeline_workers)
   result["pipeline"]["ratio_to_step"] = (result["pipeline"]["images_per_second"] /
                                          result["images_per_second"])
   result["loss_alone"] = {}
@@ -265,6 +281,11 @@ def format_table(r):
       f"({r['pipeline']['images_per_second_per_core']:.1f} per core, "
       f"{r['pipeline']['ratio_to_step']:.2f}x the step)",
   ]
+  sharded = r["pipeline"].get("sharded")
+  if sharded:
+    lines.append(f"input pipeline of one of {sharded['workers']} workers: "
+                 f"{sharded['global_images_per_second_one_worker']:.1f} global images/s, "
+                 f"{sharded['speedup_vs_whole']:.2f}x the whole pipeline")
   for dim, v in r["loss_alone"].items():
     lines.append(f"loss alone at D={dim}: {v['ms']:.2f} ms, "
                  f"{100 * v['share_of_step']:.2f}% of the step")
@@ -285,13 +306,17 @@ def main(argv):
     flags_lib.exit_with_error(f"--loss_dims={','.join(FLAGS.loss_dims)}: must be integers")
   if FLAGS.steps < 1 or FLAGS.warmup_steps < 1:
     flags_lib.exit_with_error("--steps and --warmup_steps must be >= 1")
+  if FLAGS.pipeline_workers < 1 or cfg.train.batch_size % FLAGS.pipeline_workers:
+    flags_lib.exit_with_error(f"--pipeline_workers={FLAGS.pipeline_workers}: must be >= 1 "
+                              f"and divide --batch_size={cfg.train.batch_size}")
   if cfg.train.mixed_precision != "none":
     import keras
     keras.mixed_precision.set_global_policy(f"mixed_{cfg.train.mixed_precision}")
   result = run_benchmark(cfg, batch_size=cfg.train.batch_size, steps=FLAGS.steps,
                          warmup=FLAGS.warmup_steps, jit=FLAGS.jit, loss_dims=dims,
                          pipeline_batches=FLAGS.pipeline_batches,
-                         matmul_size=FLAGS.matmul_size)
+                         matmul_size=FLAGS.matmul_size,
+                         pipeline_workers=FLAGS.pipeline_workers)
   print(json.dumps(result, sort_keys=True) if FLAGS.json else format_table(result),
         flush=True)
 

@@ -1,5 +1,6 @@
 """Training callbacks: checkpoints, the non-finite guard, scalars and throughput."""
 
+import collections
 import contextlib
 import math
 import re
@@ -19,6 +20,27 @@ class NonFiniteLossError(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
   """A checkpoint could not be written (disk full, quota, permissions)."""
+
+
+class LossSpikeError(RuntimeError):
+  """A step's loss jumped far above its recent median; training stopped before any save."""
+
+
+class StepValues:
+  """Each step's own values from Keras' logs, which are means since the epoch began:
+  value_b = (b+1)*mean_b - b*mean_(b-1). Call reset() at every epoch start."""
+
+  def __init__(self):
+    self._prev = {}
+
+  def reset(self):
+    self._prev = {}
+
+  def __call__(self, batch, logs):
+    means = {k: _scalar(v) for k, v in logs.items()}
+    values = {k: (batch + 1) * m - batch * self._prev.get(k, m) for k, m in means.items()}
+    self._prev = means
+    return values
 
 
 def save_checkpoint(manager, step):
@@ -53,10 +75,14 @@ def _scalar(value):
 
 
 class FiniteLossGuard(keras.callbacks.Callback):
-  """Stops training with a clear error as soon as the loss is not finite.
+  """Stops training with a clear error as soon as the loss or the gradient is not
+  finite.
 
-  Runs on every batch, before the checkpoint callback's next save, so the last
-  checkpoint written is the last good one.
+  Runs on every batch, before the checkpoint callback's next save (and before a
+  preemption save), so the last checkpoint written is the last good one. A
+  non-finite gradient with a finite loss has already been applied to the weights in
+  memory: they are never saved. (Under float16 loss scaling an overflowing step is
+  skipped by the optimizer and logs a gradient norm of 0: not an error.)
   """
 
   def __init__(self, workdir):
@@ -64,12 +90,50 @@ class FiniteLossGuard(keras.callbacks.Callback):
     self.workdir = workdir
 
   def on_train_batch_end(self, batch, logs=None):
-    loss = _scalar(logs["loss"])
-    if not math.isfinite(loss):
-      step = int(self.model.step_counter.numpy())
-      raise NonFiniteLossError(
-          f"loss is {loss} after step {step}: training stopped; the last good checkpoint "
-          f"in {self.workdir} is kept (lower --lr, raise --eps, or check the data)")
+    for key, what in (("loss", "loss"), ("grad_norm", "gradient norm")):
+      if key not in logs:
+        continue
+      value = _scalar(logs[key])
+      if not math.isfinite(value):
+        step = int(self.model.step_counter.numpy())
+        raise NonFiniteLossError(
+            f"{what} is {value} after step {step}: training stopped; the last good "
+            f"checkpoint in {self.workdir} is kept (lower --lr, raise --eps, or check "
+            "the data)")
+
+
+class LossSpikeGuard(keras.callbacks.Callback):
+  """Optional: stops training when one step's loss exceeds `factor` times the median
+  of the previous `window` steps' losses (a divergence that has not reached NaN yet).
+
+  With the projector's outputs l2-normalised (and R starting at I) the eigenvalues
+  of R stay at most about 1, so the loss stays positive and a ratio to the median
+  is meaningful. Runs on every batch before any
+  save, like the non-finite guard; the median needs a full window first, so the
+  first `window` steps of a run (or of a resumed run) are never judged.
+  """
+
+  def __init__(self, factor, window, workdir):
+    super().__init__()
+    self.factor, self.window, self.workdir = factor, window, workdir
+    self.recent = collections.deque(maxlen=window)
+    self.step_values = StepValues()
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.step_values.reset()
+
+  def on_train_batch_end(self, batch, logs=None):
+    loss = self.step_values(batch, {"loss": logs["loss"]})["loss"]
+    if len(self.recent) == self.window:
+      median = float(np.median(self.recent))
+      if median > 0 and loss > self.factor * median:
+        step = int(self.model.step_counter.numpy())
+        raise LossSpikeError(
+            f"loss {loss:.4g} at step {step} is over --loss_spike_factor={self.factor:g} "
+            f"times the median {median:.4g} of the previous {self.window} steps: training "
+            f"stopped; the last good checkpoint in {self.workdir} is kept (lower --lr, "
+            "or raise --loss_spike_factor)")
+    self.recent.append(loss)
 
 
 class CheckpointSaver(keras.callbacks.Callback):
@@ -152,15 +216,12 @@ class ScalarLogger(keras.callbacks.Callback):
     self.lr_fn = learning_rate_fn
     self._last_time = None
     self._last_step = None
-    self._prev_means = {}
+    self.step_values = StepValues()
 
   def on_train_batch_end(self, batch, logs=None):
     # Keras' logs are means since the start of the epoch; TensorBoard gets each
-    # step's own value, recovered as (b+1)*mean_b - b*mean_(b-1).
-    means = {k: _scalar(v) for k, v in logs.items()}
-    values = {k: (batch + 1) * m - batch * self._prev_means.get(k, m)
-              for k, m in means.items()}
-    self._prev_means = means
+    # step's own value.
+    values = self.step_values(batch, logs)
     step = int(self.model.step_counter.numpy())
     if step % self.every:
       return
@@ -179,7 +240,7 @@ class ScalarLogger(keras.callbacks.Callback):
   def on_epoch_begin(self, epoch, logs=None):
     # Do not count the time between epochs (checkpoint writes) as training time.
     self._last_time = None
-    self._prev_means = {}
+    self.step_values.reset()
 
   def on_train_end(self, logs=None):
     self.writer.flush()

@@ -105,6 +105,8 @@ class TrainConfig:
   cluster_resolver: str = "tf_config"
   slurm_port_base: int = 8888
   keep_checkpoints: int = 3
+  loss_spike_factor: float = 0.0
+  loss_spike_window: int = 50
   log_every_steps: int = 10
   probe_epochs: int = 100
   probe_random: bool = True
@@ -252,6 +254,9 @@ def from_flags(f):
   _check(f.num_cpu_devices == 0 or f.strategy == "mirrored", "num_cpu_devices",
          f.num_cpu_devices, f"is read only with --strategy=mirrored (--strategy={f.strategy})")
   _check(f.keep_checkpoints >= 1, "keep_checkpoints", f.keep_checkpoints, "must be >= 1")
+  _check(f.loss_spike_factor == 0 or f.loss_spike_factor > 1, "loss_spike_factor",
+         f.loss_spike_factor, "must be 0 (off) or > 1")
+  _check(f.loss_spike_window >= 5, "loss_spike_window", f.loss_spike_window, "must be >= 5")
   _check(f.log_every_steps >= 1, "log_every_steps", f.log_every_steps, "must be >= 1")
   _check(f.probe_epochs >= 0, "probe_epochs", f.probe_epochs, "must be >= 0")
   _check(f.online_probe_lr > 0, "online_probe_lr", f.online_probe_lr, "must be > 0")
@@ -278,6 +283,8 @@ def from_flags(f):
                       cluster_resolver=f.cluster_resolver,
                       slurm_port_base=f.slurm_port_base,
                       keep_checkpoints=f.keep_checkpoints,
+                      loss_spike_factor=f.loss_spike_factor,
+                      loss_spike_window=f.loss_spike_window,
                       log_every_steps=f.log_every_steps, probe_epochs=f.probe_epochs,
                       probe_random=f.probe_random, online_probe=f.online_probe,
                       online_probe_lr=f.online_probe_lr,

@@ -23,6 +23,8 @@ from corinfomax_tf import augment
 from corinfomax_tf import image_folder
 
 DIGITS_NUM_CLASSES = 10
+# A tfds set whose decoded train split fits in this many bytes is cached decoded.
+IN_MEMORY_BYTES = 2**30
 
 
 class DataError(ValueError):
@@ -39,9 +41,11 @@ class Source:
   num_test: int
   num_classes: int
   in_memory: bool                 # small enough to cache decoded
-  # Image folders: the train split as (path, label), so that the pretraining
-  # pipeline shuffles (and, on resume, skips) paths, not pixels.
-  train_paths: tf.data.Dataset = None
+  # Large sets: the train split still encoded, as (file path or encoded bytes, label),
+  # so that the pretraining pipeline shuffles, skips (on resume) and shards (across
+  # workers) cheap strings, and each worker decodes only its own images.
+  train_encoded: tf.data.Dataset = None
+  encoded_are_paths: bool = True  # strings are file paths (folders) or image bytes (tfds)
   # Image folders: what the check of each split kept, converted and skipped.
   scans: tuple = ()
 
@@ -116,13 +120,20 @@ def tfds_source(name, data_dir, train_split, test_split, download):
     return ds.map(lambda x, y: (_ensure_rgb(x), tf.cast(y, tf.int64)),
                   num_parallel_calls=tf.data.AUTOTUNE)
 
+  def load_encoded(split):
+    ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    return ds.map(lambda x, y: (x, tf.cast(y, tf.int64)))
+
   num_classes = features["label"].num_classes
   small = splits[train_split].num_examples * np.prod(
       features["image"].shape[:2] if None not in features["image"].shape[:2]
-      else (256, 256)) * 3 < 2**30
+      else (256, 256)) * 3 < IN_MEMORY_BYTES
   return Source(name, load(train_split), load(test_split),
                 splits[train_split].num_examples, splits[test_split].num_examples,
-                num_classes, in_memory=bool(small))
+                num_classes, in_memory=bool(small),
+                train_encoded=None if small else load_encoded(train_split),
+                encoded_are_paths=False)
 
 
 def _ensure_rgb(image):
@@ -131,14 +142,16 @@ def _ensure_rgb(image):
   return image
 
 
-def _decode(path, label):
-  data = tf.io.read_file(path)
+def _decode(encoded, label, is_path=True):
+  data = tf.io.read_file(encoded) if is_path else encoded
   image = tf.io.decode_image(data, channels=3, expand_animations=False)
   return tf.ensure_shape(image, (None, None, 3)), label
 
 
-def decode_skipping_errors(paths_ds, deterministic=None):
+def decode_skipping_errors(paths_ds, deterministic=None, are_paths=True):
   """(path, label, ...) -> (image, label, ...); a file that fails to decode is dropped.
+
+  With are_paths=False the strings are the encoded images themselves (tfds).
 
   The folder scan has already set aside the files it could recognise as bad; this is
   the last line of defence for what slips through (or changes after the scan), and
@@ -146,7 +159,7 @@ def decode_skipping_errors(paths_ds, deterministic=None):
   surfaces.
   """
   def decode(path, label, *rest):
-    return (*_decode(path, label), *rest)
+    return (*_decode(path, label, are_paths), *rest)
   return paths_ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE,
                       deterministic=deterministic).ignore_errors(log_warning=True)
 
@@ -178,7 +191,7 @@ def folder_source(data_dir, train_split, test_split, in_memory=False,
   return Source(os.path.basename(os.path.normpath(data_dir)) or "folder",
                 decode_skipping_errors(paths_of(train)),
                 decode_skipping_errors(paths_of(test)), len(train.paths), len(test.paths),
-                len(train.classes), in_memory=in_memory, train_paths=paths_of(train),
+                len(train.classes), in_memory=in_memory, train_encoded=paths_of(train),
                 scans=(train, test))
 
 
@@ -203,26 +216,34 @@ def load_source(dataset, *, image_size, data_dir=None, tfds_data_dir=None,
 # ----------------------------------------------------------------------------
 
 
-def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
-                     seed, shuffle_buffer=10000, deterministic=False, skip_batches=0):
-  """Infinite dataset of (views, labels) batches of `global_batch_size`.
+def shard_of_batches(ds, global_batch_size, num_shards, index):
+  """Input pipeline `index`'s part of every global batch of a stream of elements.
 
-  views is (batch, 2, size, size, 3): both views stacked in one tensor. Labels are
-  used only by the optional online probe, never by the loss.
-
-  Decoded images are cached when the source is small; each element gets its own
-  augmentation seed from a seeded random stream, so that parallel maps stay
-  reproducible. Batches drop the remainder so that every replica gets the same
-  number of images (the global batch is split evenly by the strategy).
-
-  The stream is a function of `seed` alone: `skip_batches=k` gives exactly what the
-  same dataset gives after k batches, without augmenting the skipped images (and,
-  for image folders, without decoding them), so a resumed run sees the data an
-  uninterrupted run would have seen.
+  Pipeline i keeps elements [i*b, (i+1)*b) of each run of B = global_batch_size
+  elements, b = B / num_shards: the same elements, in the same order, that
+  splitting the global batch across pipelines would give it, so sharded pipelines
+  together yield exactly the single-pipeline global batches.
   """
-  from_paths = not source.in_memory and source.train_paths is not None
-  if from_paths:
-    ds = source.train_paths
+  if num_shards == 1:
+    return ds
+  if global_batch_size % num_shards:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by "
+                     f"{num_shards} input pipelines")
+  per_shard = global_batch_size // num_shards
+  return ds.batch(per_shard, drop_remainder=True).shard(num_shards, index).unbatch()
+
+
+def element_stream(source, *, global_batch_size, seed, shuffle_buffer=10000,
+                   skip_batches=0, input_context=None):
+  """This input pipeline's (image or encoded image, label, element seed) stream.
+
+  Shuffling, seeding and skipping act on the global stream, so it is a function of
+  `seed` alone whatever the number of workers; sharding comes last and, for large
+  sets, before decoding, so each worker decodes and augments only its own images.
+  """
+  encoded = not source.in_memory and source.train_encoded is not None
+  if encoded:
+    ds = source.train_encoded
   else:
     ds = source.train.cache() if source.in_memory else source.train
   ds = ds.shuffle(min(shuffle_buffer, source.num_train), seed=seed,
@@ -232,8 +253,42 @@ def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
   if skip_batches:
     ds = ds.skip(skip_batches * global_batch_size)
   ds = ds.map(lambda example, element_seed: (*example, element_seed))
-  if from_paths:
-    ds = decode_skipping_errors(ds, True if deterministic else None)
+  if input_context is not None:
+    ds = shard_of_batches(ds, global_batch_size, input_context.num_input_pipelines,
+                          input_context.input_pipeline_id)
+  return ds, encoded
+
+
+def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
+                     seed, shuffle_buffer=10000, deterministic=False, skip_batches=0,
+                     input_context=None):
+  """Infinite dataset of (views, labels) batches.
+
+  views is (batch, 2, size, size, 3): both views stacked in one tensor. Labels are
+  used only by the optional online probe, never by the loss.
+
+  Without `input_context`, batches are global batches. With one (the argument
+  `strategy.distribute_datasets_from_function` passes), this is one worker's input
+  pipeline: it yields per-replica batches holding this worker's part of each global
+  batch, and the worker's replicas take them in turn, so replica r of worker w gets
+  the slice of the global batch it would get from one process holding every replica.
+
+  Decoded images are cached when the source is small; each element gets its own
+  augmentation seed from a seeded random stream, so that parallel maps stay
+  reproducible. Batches drop the remainder so that every replica gets the same
+  number of images.
+
+  The stream is a function of `seed` alone: `skip_batches=k` gives exactly what the
+  same dataset gives after k batches, without augmenting the skipped images (and,
+  for large sets, without decoding them), so a resumed run sees the data an
+  uninterrupted run would have seen.
+  """
+  ds, encoded = element_stream(source, global_batch_size=global_batch_size, seed=seed,
+                               shuffle_buffer=shuffle_buffer, skip_batches=skip_batches,
+                               input_context=input_context)
+  if encoded:
+    ds = decode_skipping_errors(ds, True if deterministic else None,
+                                are_paths=source.encoded_are_paths)
   view1, view2 = views
 
   def make_views(image, label, element_seed):
@@ -249,7 +304,9 @@ def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
   # only forbids tf.data from relaxing the order for speed.
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True if deterministic else None)
-  ds = ds.batch(global_batch_size, drop_remainder=True)
+  batch = (input_context.get_per_replica_batch_size(global_batch_size)
+           if input_context is not None else global_batch_size)
+  ds = ds.batch(batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 

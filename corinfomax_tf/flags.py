@@ -114,6 +114,11 @@ def define_flags():
   _track(f.DEFINE_integer, "num_cpu_devices", 0,
          "With --strategy=mirrored and no GPU: split the CPU into this many devices.")
   _track(f.DEFINE_integer, "keep_checkpoints", 3, "Checkpoints kept in the workdir.")
+  _track(f.DEFINE_float, "loss_spike_factor", 0.0,
+         "Stop, keeping the last checkpoint, when a step's loss exceeds this many times "
+         "the median of the previous --loss_spike_window steps (0: off).")
+  _track(f.DEFINE_integer, "loss_spike_window", 50,
+         "Steps whose median loss the spike guard compares against.")
   _track(f.DEFINE_integer, "log_every_steps", 10, "TensorBoard scalar interval, in steps.")
   _track(f.DEFINE_integer, "probe_epochs", 100,
          "Epochs of the linear probe after pretraining; 0 skips the probe.")

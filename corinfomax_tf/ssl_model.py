@@ -108,7 +108,9 @@ class CorInfoMaxModel(keras.Model):
       scale = 1.0
     # Exact on one replica. With several, each replica holds only its share of the
     # gradient (the optimizer sums them); its norm times the replica count is an
-    # estimate of the global norm that costs no extra all-reduce.
+    # estimate of the global norm that costs no extra all-reduce. fit() averages the
+    # replicas' logs, so a non-finite gradient on any replica reaches the logs, where
+    # the non-finite guard stops the run before the next checkpoint (tested).
     grad_norm = tf.linalg.global_norm(grads) / scale * replicas
     if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
       # An overflowing float16 step is skipped by the optimizer: log 0, not inf.

@@ -12,6 +12,7 @@ trained again.
 
 import json
 import os
+import socket
 import sys
 
 # Before TensorFlow is imported: keep its C++ start-up chatter (INFO) off the console.
@@ -49,7 +50,9 @@ def prepare_workdir(workdir):
   """Creates the workdir and proves it writable before any work starts."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # One name per process: the workers of a multi-worker run share the workdir and
+    # prepare it at the same moment (a shared name let one delete another's probe).
+    probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
     with open(probe, "w") as fh:
       fh.write("ok")
     os.remove(probe)
@@ -221,18 +224,25 @@ def run(cfg, flagfile_text=None):
                                  mean=d.mean, std=d.std)
 
   def dataset_from(start_step):
-    # The same stream as an uninterrupted run, from its start_step-th batch on.
-    return data_lib.two_view_dataset(
-        source, global_batch_size=t.batch_size, image_size=d.image_size,
-        views=(cfg.augment.view1, cfg.augment.view2), mean=d.mean, std=d.std,
-        seed=t.seed, shuffle_buffer=d.shuffle_buffer, deterministic=t.deterministic,
-        skip_batches=start_step)
+    # The same stream as an uninterrupted run, from its start_step-th batch on. Each
+    # worker builds its own pipeline and decodes and augments only its part of each
+    # global batch (tf.data's auto-sharding would have every worker process all of it).
+    return strategy.distribute_datasets_from_function(
+        lambda input_context: data_lib.two_view_dataset(
+            source, global_batch_size=t.batch_size, image_size=d.image_size,
+            views=(cfg.augment.view1, cfg.augment.view2), mean=d.mean, std=d.std,
+            seed=t.seed, shuffle_buffer=d.shuffle_buffer, deterministic=t.deterministic,
+            skip_batches=start_step, input_context=input_context))
 
   preemption = None
   if step < total_steps:
     throughput = callbacks_lib.Throughput(t.batch_size)
     preemption = callbacks_lib.PreemptionSaver(manager)
-    cbs = [callbacks_lib.FiniteLossGuard(t.workdir), throughput, preemption]
+    cbs = [callbacks_lib.FiniteLossGuard(t.workdir)]
+    if t.loss_spike_factor:
+      cbs.append(callbacks_lib.LossSpikeGuard(t.loss_spike_factor, t.loss_spike_window,
+                                              t.workdir))
+    cbs += [throughput, preemption]
     monitor = None
     if chief:
       cbs.append(callbacks_lib.ScalarLogger(os.path.join(t.workdir, "train"),
@@ -353,7 +363,8 @@ def main(argv):
   except WorkerLost as e:
     flags_lib.exit_with_error(str(e), code=WORKER_LOST_EXIT_CODE)
   except (config_lib.ConfigError, data_lib.DataError, WorkdirError, StrategyError,
-          callbacks_lib.NonFiniteLossError, callbacks_lib.CheckpointWriteError) as e:
+          callbacks_lib.NonFiniteLossError, callbacks_lib.LossSpikeError,
+          callbacks_lib.CheckpointWriteError) as e:
     flags_lib.exit_with_error(str(e))
 
 

@@ -38,6 +38,8 @@ def test_json_fields_xla_agreement_and_single_trace():
   assert 0 < r["mfu_vs_matmul"] < 10
   assert set(r["loss_alone"]) == {"8", "16"}
   assert r["pipeline"]["images_per_second"] > 0 and r["pipeline"]["cores"] >= 1
+  sharded = r["pipeline"]["sharded"]
+  assert sharded["workers"] == 2 and sharded["global_images_per_second_one_worker"] > 0
   assert r["covariance_dtypes"] == ["float64"]
 
 

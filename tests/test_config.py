@@ -69,6 +69,8 @@ def test_resolved_flagfile_round_trips():
     (["--solarize_prob=0.1,x"], "--solarize_prob=0.1,x"),
     (["--dataset=folder"], "--data_dir=''"),
     (["--normalization=mnist"], "--normalization=mnist"),
+    (["--loss_spike_factor=0.5"], "--loss_spike_factor=0.5: must be 0 (off) or > 1"),
+    (["--loss_spike_window=2"], "--loss_spike_window=2: must be >= 5"),
 ])
 def test_bad_values_name_the_flag(args, message):
   with pytest.raises(config.ConfigError) as info:

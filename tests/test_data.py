@@ -79,3 +79,110 @@ def test_tfds_download_offline_fails_at_once_with_one_line(tmp_path, monkeypatch
     data.load_source("cifar10", image_size=32, tfds_data_dir=str(tmp_path),
                      tfds_download=True)
   assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# Worker-local input: each input pipeline its own part of every global batch.
+# ----------------------------------------------------------------------------
+
+PIPELINE = dict(image_size=12, views=VIEWS, mean=(0.5,) * 3, std=(0.25,) * 3, seed=5,
+                deterministic=True)
+
+
+def _global_and_sharded(source, global_batch, pipelines, replicas_per_pipeline, steps,
+                        skip_batches=0):
+  """The global batches, and what the pipelines' replicas get, re-assembled in
+  replica order (worker 0's replicas first), step by step."""
+  whole = [b for b in data.two_view_dataset(
+      source, global_batch_size=global_batch, skip_batches=skip_batches,
+      **PIPELINE).take(steps)]
+  per_pipeline = []
+  for index in range(pipelines):
+    context = tf.distribute.InputContext(pipelines, index,
+                                         pipelines * replicas_per_pipeline)
+    ds = data.two_view_dataset(source, global_batch_size=global_batch,
+                               skip_batches=skip_batches, input_context=context, **PIPELINE)
+    per_pipeline.append(list(ds.take(steps * replicas_per_pipeline)))
+  assembled = []
+  for step in range(steps):
+    # The replicas of one pipeline take its per-replica batches in turn.
+    parts = [batches[step * replicas_per_pipeline + r] for batches in per_pipeline
+             for r in range(replicas_per_pipeline)]
+    assembled.append(tuple(tf.concat([p[i] for p in parts], 0) for i in range(2)))
+  return whole, assembled
+
+
+@pytest.mark.parametrize("kind", ["digits", "folder"])
+def test_sharded_pipelines_together_give_exactly_the_global_batches(tmp_path, kind):
+  if kind == "digits":
+    source = data.digits_source(12)
+  else:
+    source = data.load_source("folder", image_size=12,
+                              data_dir=helpers.write_image_folder(str(tmp_path)))
+  for pipelines, replicas in ((2, 1), (2, 2), (4, 1)):
+    whole, assembled = _global_and_sharded(source, 8, pipelines, replicas, steps=5,
+                                           skip_batches=1)
+    for (views, labels), (views_s, labels_s) in zip(whole, assembled):
+      assert views_s.shape == views.shape
+      np.testing.assert_array_equal(views_s.numpy(), views.numpy())
+      np.testing.assert_array_equal(labels_s.numpy(), labels.numpy())
+
+
+def test_image_folder_shards_paths_before_decoding(tmp_path):
+  source = data.load_source("folder", image_size=12,
+                            data_dir=helpers.write_image_folder(str(tmp_path)))
+  streams = [data.element_stream(source, global_batch_size=6, seed=2,
+                                 input_context=tf.distribute.InputContext(2, i, 2))
+             for i in range(2)]
+  # What is sharded is still a file path: each worker reads and decodes only its own.
+  assert all(encoded and ds.element_spec[0].dtype == tf.string for ds, encoded in streams)
+  whole, _ = data.element_stream(source, global_batch_size=6, seed=2)
+  whole = [p.numpy() for p, _, _ in whole.take(18)]
+  shards = [[p.numpy() for p, _, _ in ds.take(9)] for ds, _ in streams]
+  for step in range(3):
+    mine = [shards[i][3 * step:3 * step + 3] for i in range(2)]
+    assert not set(mine[0]) & set(mine[1])
+    assert mine[0] + mine[1] == whole[6 * step:6 * step + 6]
+
+
+def test_distributed_replicas_get_their_slice_of_the_global_batch():
+  from tests.conftest import CPU_DEVICES
+  source = data.digits_source(12)
+  strategy = tf.distribute.MirroredStrategy(CPU_DEVICES)
+  dist = strategy.distribute_datasets_from_function(
+      lambda context: data.two_view_dataset(source, global_batch_size=8,
+                                            input_context=context, **PIPELINE))
+  whole = data.two_view_dataset(source, global_batch_size=8, **PIPELINE)
+  for (views, labels), (dviews, dlabels) in zip(whole.take(3), dist):
+    local = strategy.experimental_local_results(dviews)
+    assert len(local) == 2 and local[0].shape[0] == 4
+    np.testing.assert_array_equal(tf.concat(local, 0).numpy(), views.numpy())
+    np.testing.assert_array_equal(
+        tf.concat(strategy.experimental_local_results(dlabels), 0).numpy(), labels.numpy())
+
+
+def test_large_tfds_sets_are_sharded_encoded_and_give_the_cached_stream(tmp_path,
+                                                                         monkeypatch):
+  from tests import generated_tfds
+  generated_tfds.prepare(str(tmp_path))
+  load = lambda: data.load_source(generated_tfds.NAME, image_size=12,  # noqa: E731
+                                  tfds_data_dir=str(tmp_path))
+  small = load()
+  assert small.in_memory and small.train_encoded is None
+  monkeypatch.setattr(data, "IN_MEMORY_BYTES", 0)
+  large = load()
+  assert not large.in_memory and (large.num_train, large.num_classes) == (30, 3)
+  # Shuffled and sharded as encoded bytes; decoded only by the worker that keeps them.
+  stream, encoded = data.element_stream(
+      large, global_batch_size=6, seed=1, input_context=tf.distribute.InputContext(2, 1, 2))
+  assert encoded and stream.element_spec[0].dtype == tf.string
+  # PNG is lossless: decoding after the shuffle gives the stream of the cached set.
+  for (a, la), (b, lb) in zip(data.two_view_dataset(small, global_batch_size=6, **PIPELINE)
+                              .take(6),
+                              data.two_view_dataset(large, global_batch_size=6, **PIPELINE)
+                              .take(6)):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(la.numpy(), lb.numpy())
+  whole, assembled = _global_and_sharded(large, 6, 2, 1, steps=3)
+  for (a, _), (b, _) in zip(whole, assembled):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())

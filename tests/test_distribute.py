@@ -129,3 +129,33 @@ def test_slurm_resolver_builds_the_cluster_from_slurm_variables(monkeypatch):
   assert resolver.cluster_spec().as_dict() == {"worker": ["node07:9000", "node08:9000"]}
   assert (resolver.task_type, resolver.task_id) == ("worker", 1)
   assert distribute.cluster_resolver("tf_config") is None
+
+
+@pytest.mark.parametrize("replicas, poisoned", [(1, 0), (2, 1)])
+def test_a_non_finite_gradient_stops_the_run_before_any_save(strategies, tmp_path,
+                                                             monkeypatch, replicas,
+                                                             poisoned):
+  """A NaN in one replica's gradient (the loss still finite at that step) stops
+  training at that step; no checkpoint of the poisoned weights is written."""
+  from corinfomax_tf import callbacks
+  strategy = strategies[replicas - 1]
+  model = build(strategy)
+  real_gradient = tf.GradientTape.gradient
+
+  def poisoned_gradient(tape, target, sources, *args, **kwargs):
+    grads = real_gradient(tape, target, sources, *args, **kwargs)
+    ctx = tf.distribute.get_replica_context()
+    replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+    factor = tf.where(tf.equal(replica, poisoned), float("nan"), 1.0)
+    return [grads[0] * factor] + list(grads[1:])
+  monkeypatch.setattr(tf.GradientTape, "gradient", poisoned_gradient)
+
+  with strategy.scope():
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(encoder=model.encoder),
+                                         str(tmp_path), max_to_keep=2)
+  guard = callbacks.FiniteLossGuard(str(tmp_path))
+  with pytest.raises(callbacks.NonFiniteLossError,
+                     match=r"gradient norm is nan after step 1: training stopped"):
+    model.fit(batches(), epochs=1, verbose=0, shuffle=False,
+              callbacks=[guard, callbacks.CheckpointSaver(manager)])
+  assert manager.latest_checkpoint is None

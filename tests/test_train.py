@@ -188,6 +188,20 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
   assert open(os.path.join(workdir, "checkpoints", "checkpoint")).read() == before
 
 
+def test_loss_spike_guard_stops_before_the_save(tmp_path):
+  # The smoke run's loss rises by about 3% from its first five steps to the sixth
+  # (13.51 median, 13.96): a factor just above 1 must stop it there, before the
+  # epoch-end checkpoint of step 6.
+  workdir = str(tmp_path / "run")
+  result = train(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--probe_epochs=0",
+                 "--loss_spike_factor=1.0001", "--loss_spike_window=5")
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: loss ") and " at step 6 is over --loss_spike_factor=" \
+      "1.0001 times the median " in last and "is kept" in last, last
+  assert checkpoints(workdir) == [3]
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--no_such_flag=1"], "no_such_flag"),
     (["--projector=2048-x-64"], "--projector=2048-x-64"),
@@ -272,11 +286,14 @@ def test_two_workers_match_one_process_on_the_same_global_batch(tmp_path):
   import numpy as np
   import tensorflow as tf
   workers_dir, single_dir = str(tmp_path / "workers"), str(tmp_path / "single")
-  procs, _ = _launch_workers(workers_dir, "--deterministic")
+  # An image folder: each worker reads and decodes only its own files.
+  images = helpers.write_image_folder(str(tmp_path / "images"), per_class=12)
+  data_flags = ["--dataset=folder", f"--data_dir={images}", "--deterministic"]
+  procs, _ = _launch_workers(workers_dir, *data_flags)
   single = subprocess.Popen(
       [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
        f"--workdir={single_dir}", "--strategy=mirrored", "--num_cpu_devices=2",
-       "--probe_epochs=0", "--deterministic"],
+       "--probe_epochs=0", *data_flags],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT))
   outputs = [p.communicate(timeout=300) for p in procs + [single]]
