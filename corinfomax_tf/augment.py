@@ -89,6 +89,16 @@ def random_resized_crop(image, size, scale, ratio, seed):
   return resize(crop, (size, size))
 
 
+def crop_and_flip(image_uint8, size, crop_min_scale, hflip_prob, element_seed, salt):
+  """The supervised training view (linear evaluation, fine-tuning): random resized
+  crop and horizontal flip of a uint8 image, seeded by (element_seed, salt)."""
+  s = tf.unstack(tf.random.experimental.stateless_split(
+      tf.stack([element_seed, tf.constant(salt, tf.int64)]), num=2))
+  x = random_resized_crop(to_float(image_uint8), size, (crop_min_scale, 1.0),
+                          (3 / 4, 4 / 3), s[0])
+  return random_flip(x, hflip_prob, s[1])
+
+
 def resize(image, size):
   # Bicubic overshoots; clip back to [0, 1] as PIL's uint8 output does.
   out = tf.image.resize(image, size, method="bicubic", antialias=True)

@@ -27,7 +27,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 
 from corinfomax_tf import config as config_lib  # noqa: E402
 from corinfomax_tf import flags as flags_lib  # noqa: E402
@@ -175,7 +174,7 @@ def time_pipeline(cfg, batch_size, batches, workers=1):
   cores = os.cpu_count() or 1
   result = {"images_per_second": whole, "images_per_second_per_core": whole / cores,
             "cores": cores, "source": source.name,
-            "decoded_per_step": not source.in_memory and source.train_encoded is not None}
+            "decoded_per_step": source.streams_encoded}
   if workers > 1:
     # Worker 0 of `workers`, one replica each: per-replica batches of B / workers.
     one = rate(tf.distribute.InputContext(workers, 0, workers))
@@ -293,10 +292,7 @@ def format_table(r):
 
 
 def main(argv):
-  if not FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.ERROR)
-  if len(argv) > 1:
-    flags_lib.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
+  flags_lib.begin_command(argv, FLAGS, quiet_level="error")
   try:
     cfg = config_lib.from_flags(FLAGS)
     dims = [int(d) for d in FLAGS.loss_dims]

@@ -49,6 +49,11 @@ class Source:
   # Image folders: what the check of each split kept, converted and skipped.
   scans: tuple = ()
 
+  @property
+  def streams_encoded(self):
+    """Whether pretraining shuffles and shards this set encoded and decodes per step."""
+    return not self.in_memory and self.train_encoded is not None
+
   def scan_report(self):
     return {s.root: s.to_dict() for s in self.scans}
 
@@ -241,7 +246,7 @@ def element_stream(source, *, global_batch_size, seed, shuffle_buffer=10000,
   `seed` alone whatever the number of workers; sharding comes last and, for large
   sets, before decoding, so each worker decodes and augments only its own images.
   """
-  encoded = not source.in_memory and source.train_encoded is not None
+  encoded = source.streams_encoded
   if encoded:
     ds = source.train_encoded
   else:

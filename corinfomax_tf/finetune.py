@@ -107,11 +107,8 @@ def labelled_images(examples, num_labelled, *, image_size, batch_size, crop_min_
 
   def prep(example, element_seed):
     image, label = example
-    s = tf.unstack(tf.random.experimental.stateless_split(
-        tf.stack([element_seed, tf.constant(2, tf.int64)]), num=2))
-    x = augment.random_resized_crop(augment.to_float(image), image_size,
-                                    (crop_min_scale, 1.0), (3 / 4, 4 / 3), s[0])
-    return augment.random_flip(x, hflip_prob, s[1]), label
+    return augment.crop_and_flip(image, image_size, crop_min_scale, hflip_prob,
+                                 element_seed, salt=2), label
   ds = tf.data.Dataset.zip((ds, seeds)).map(prep, num_parallel_calls=tf.data.AUTOTUNE)
   # Full batches only: BatchNorm in training mode on a last batch of 1 or 2 images
   # would be noise.

@@ -166,15 +166,14 @@ def resolved_flagfile(flag_values):
   return "\n".join(lines) + "\n"
 
 
-def begin_command(argv, flag_values, encoder_help=None):
-  """The evaluation and fine-tuning commands' common start: absl logging quiet unless
-  --verbosity is given, no stray arguments, and --encoder when `encoder_help` says
-  what it must be."""
+def begin_command(argv, flag_values, encoder_help=None, quiet_level="warning"):
+  """The commands' common start: absl logging at `quiet_level` unless --verbosity is
+  given, no stray arguments, and --encoder when `encoder_help` says what it must be."""
   from absl import logging
   if not flag_values["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(quiet_level)
   if len(argv) > 1:
-    exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    exit_with_error(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
   if encoder_help and not flag_values.encoder:
     exit_with_error(f"--encoder is required ({encoder_help})")
 

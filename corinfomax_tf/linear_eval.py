@@ -108,11 +108,8 @@ def augmented_images(source, image_size, batch_size, crop_min_scale, seed):
 
   def prep(example, element_seed):
     image, label = example
-    s = tf.unstack(tf.random.experimental.stateless_split(
-        tf.stack([element_seed, tf.constant(1, tf.int64)]), num=2))
-    x = augment.random_resized_crop(augment.to_float(image), image_size,
-                                    (crop_min_scale, 1.0), (3 / 4, 4 / 3), s[0])
-    return augment.random_flip(x, 0.5, s[1]), label
+    return augment.crop_and_flip(image, image_size, crop_min_scale, 0.5, element_seed,
+                                 salt=1), label
   ds = tf.data.Dataset.zip((ds, seeds)).map(prep, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 

@@ -344,10 +344,7 @@ def run(cfg, flagfile_text=None):
 
 
 def main(argv):
-  if not FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  if len(argv) > 1:
-    flags_lib.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+  flags_lib.begin_command(argv, FLAGS)
   try:
     cfg = config_lib.from_flags(FLAGS)
   except config_lib.ConfigError as e:
