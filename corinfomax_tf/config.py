@@ -1,7 +1,7 @@
 """Frozen configuration objects, built from flags at the edge and validated.
 
 Library code takes these (or plain arguments), never FLAGS. `from_flags` is the only
-place that reads absl flags; every validation error is a ConfigError whose message
+place that reads absl flags; every validation error is an errors.ConfigError whose message
 names the flag and the value received.
 """
 
@@ -9,10 +9,11 @@ import dataclasses
 import json
 import os
 
-from corinfomax_tf import augment
-from corinfomax_tf import losses
+from corinfomax_tf.data import augment
+from corinfomax_tf.method import losses
 from corinfomax_tf.models import projector as projector_lib
 from corinfomax_tf.models import resnet
+from corinfomax_tf import errors
 
 NORMALIZATIONS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
@@ -23,10 +24,6 @@ NORMALIZATIONS = {
 }
 STRATEGIES = ("default", "mirrored", "multi_worker")
 MIXED_PRECISION = ("none", "float16", "bfloat16")
-
-
-class ConfigError(ValueError):
-  """A flag value that cannot be used; the message names the flag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +140,7 @@ class Config:
 
 def _check(condition, flag, value, requirement):
   if not condition:
-    raise ConfigError(f"--{flag}={value}: {requirement}")
+    raise errors.ConfigError(f"--{flag}={value}: {requirement}")
 
 
 def _pair(values, flag):
@@ -151,7 +148,7 @@ def _pair(values, flag):
   try:
     floats = [float(v) for v in values]
   except ValueError:
-    raise ConfigError(f"--{flag}={','.join(values)}: expected one or two numbers") from None
+    raise errors.ConfigError(f"--{flag}={','.join(values)}: expected one or two numbers") from None
   _check(len(floats) in (1, 2), flag, ",".join(values), "expected one or two numbers")
   return (floats[0], floats[-1])
 
@@ -192,138 +189,381 @@ def _views(f):
       view2=augment.ViewConfig(blur_prob=blur[1], solarize_prob=solarize[1], **common))
 
 
+def _from_flags(cls, f, **computed):
+  """A config section whose fields are flags of the same names (`computed`: the
+  fields that are not plain flag values)."""
+  return cls(**{field.name: computed[field.name] if field.name in computed
+                else getattr(f, field.name) for field in dataclasses.fields(cls)})
+
+
 def from_flags(f):
   """Builds and validates a Config from parsed absl flags (or any namespace)."""
+  data = _data_section(f)
+  model, dim = _model_section(f)
+  loss = _loss_section(f, dim)
+  optim = _optim_section(f)
+  train = _train_section(f)
+  return Config(data=data, augment=_views(f), model=model, loss=loss, optim=optim,
+                train=train)
+
+
+def _data_section(f):
   _check(f.image_size >= 8, "image_size", f.image_size, "must be >= 8")
   mean, std = _normalization(f.normalization, f.dataset)
-  data = DataConfig(dataset=f.dataset, data_dir=f.data_dir, tfds_data_dir=f.tfds_data_dir,
-                    tfds_download=f.tfds_download, train_split=f.train_split,
-                    test_split=f.test_split, image_size=f.image_size, mean=mean, std=std,
-                    cache=f.cache, shuffle_buffer=f.shuffle_buffer,
-                    image_check=f.image_check, bad_images=f.bad_images,
-                    max_image_pixels=f.max_image_pixels)
+  data = _from_flags(DataConfig, f, mean=mean, std=std)
   _check(f.dataset != "folder" or f.data_dir, "data_dir", "''",
          "is required with --dataset=folder")
   _check(f.dataset == "folder" or not f.data_dir, "data_dir", f.data_dir,
          f"is read only with --dataset=folder (--dataset={f.dataset}); a "
          "tensorflow-datasets set takes --tfds_data_dir")
   _check(f.max_image_pixels >= 1, "max_image_pixels", f.max_image_pixels, "must be >= 1")
+  return data
 
+
+def _model_section(f):
+  """(ModelConfig, projector output dimension D)."""
   _check(f.depth in resnet.BLOCKS, "depth", f.depth, f"must be one of {sorted(resnet.BLOCKS)}")
   _check(f.stem in resnet.STEMS, "stem", f.stem, f"must be one of {resnet.STEMS}")
   _check(f.width >= 1, "width", f.width, "must be >= 1")
   try:
     widths = projector_lib.parse_projector_spec(f.projector)
   except ValueError:
-    raise ConfigError(f"--projector={f.projector}: must be positive integers joined by "
-                      "'-', such as 2048-2048-64") from None
-  model = ModelConfig(depth=f.depth, stem=f.stem, width=f.width, projector=f.projector,
-                      projector_bn=f.projector_bn, l2_normalize=f.l2_normalize,
-                      sync_bn=f.sync_bn)
+    raise errors.ConfigError(f"--projector={f.projector}: must be positive integers joined "
+                             "by '-', such as 2048-2048-64") from None
+  return _from_flags(ModelConfig, f), widths[-1]
 
-  loss = LossConfig(alpha=f.alpha, cov_weight=f.cov_weight, la_R=f.la_R, la_mu=f.la_mu,
-                    eps=f.eps, R_ini=f.R_ini, covariance=f.covariance)
+
+def _loss_section(f, dim):
+  loss = _from_flags(LossConfig, f)
   try:
-    losses.validate_loss_args(dim=widths[-1], **dataclasses.asdict(loss))
+    losses.validate_loss_args(dim=dim, **dataclasses.asdict(loss))
   except ValueError as e:
     # "la_R must be in [0, 1). Received: la_R=1.5" -> "--la_R=1.5: must be in [0, 1)"
     message = str(e)
     name = message.split(" ", 1)[0]
     value = getattr(f, name, None)
     reason = message.split(". Received")[0].split(" ", 1)[1]
-    raise ConfigError(f"--{name}={value}: {reason}") from None
+    raise errors.ConfigError(f"--{name}={value}: {reason}") from None
+  return loss
 
+
+def _optim_section(f):
   _check(f.lr > 0, "lr", f.lr, "must be > 0")
   _check(0 <= f.momentum < 1, "momentum", f.momentum, "must be in [0, 1)")
   _check(f.weight_decay >= 0, "weight_decay", f.weight_decay, "must be >= 0")
   _check(f.warmup_epochs >= 0, "warmup_epochs", f.warmup_epochs, "must be >= 0")
   _check(f.min_lr >= 0, "min_lr", f.min_lr, "must be >= 0")
-  optim = OptimConfig(lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
-                      warmup_epochs=f.warmup_epochs, warmup_start_lr=f.warmup_start_lr,
-                      min_lr=f.min_lr)
+  return _from_flags(OptimConfig, f)
 
+
+def _train_section(f):
   _check(bool(f.workdir), "workdir", "''", "must name a directory")
-  _check(f.epochs >= 1, "epochs", f.epochs, "must be >= 1")
-  _check(f.batch_size >= 2, "batch_size", f.batch_size, "must be >= 2 (covariance of a batch)")
-  _check(f.steps_per_epoch >= 0, "steps_per_epoch", f.steps_per_epoch, "must be >= 0")
-  _check(f.strategy in STRATEGIES, "strategy", f.strategy, f"must be one of {STRATEGIES}")
-  _check(f.num_cpu_devices >= 0, "num_cpu_devices", f.num_cpu_devices, "must be >= 0")
-  _check(f.cluster_resolver == "tf_config" or f.strategy == "multi_worker",
-         "cluster_resolver", f.cluster_resolver,
-         f"is read only with --strategy=multi_worker (--strategy={f.strategy})")
-  _check(f.num_cpu_devices == 0 or f.strategy == "mirrored", "num_cpu_devices",
-         f.num_cpu_devices, f"is read only with --strategy=mirrored (--strategy={f.strategy})")
-  _check(f.keep_checkpoints >= 1, "keep_checkpoints", f.keep_checkpoints, "must be >= 1")
-  _check(f.loss_spike_factor == 0 or f.loss_spike_factor > 1, "loss_spike_factor",
-         f.loss_spike_factor, "must be 0 (off) or > 1")
-  _check(f.loss_spike_window >= 5, "loss_spike_window", f.loss_spike_window, "must be >= 5")
-  _check(f.log_every_steps >= 1, "log_every_steps", f.log_every_steps, "must be >= 1")
-  _check(f.probe_epochs >= 0, "probe_epochs", f.probe_epochs, "must be >= 0")
-  _check(f.online_probe_lr > 0, "online_probe_lr", f.online_probe_lr, "must be > 0")
-  _check(f.knn_every_epochs >= 0, "knn_every_epochs", f.knn_every_epochs, "must be >= 0")
-  try:
-    knn_k = tuple(int(k) for k in f.knn_k)
-  except ValueError:
-    knn_k = ()
-  _check(knn_k and all(k >= 1 for k in knn_k), "knn_k", ",".join(f.knn_k),
-         "must be positive integers")
-  _check(f.knn_temperature > 0, "knn_temperature", f.knn_temperature, "must be > 0")
-  _check(f.monitor_every_steps >= 0, "monitor_every_steps", f.monitor_every_steps,
-         "must be >= 0")
-  _check(0 <= f.collapse_rank_share <= 1, "collapse_rank_share", f.collapse_rank_share,
-         "must be in [0, 1]")
-  _check(f.preview_images >= 0, "preview_images", f.preview_images, "must be >= 0")
-  _check(f.mixed_precision in MIXED_PRECISION, "mixed_precision", f.mixed_precision,
-         f"must be one of {MIXED_PRECISION}")
-  _check(f.verbose in ("auto", "0", "1", "2"), "verbose", f.verbose,
-         "must be auto, 0, 1 or 2")
-  train = TrainConfig(workdir=f.workdir, epochs=f.epochs, batch_size=f.batch_size,
-                      steps_per_epoch=f.steps_per_epoch, seed=f.seed, strategy=f.strategy,
-                      num_cpu_devices=f.num_cpu_devices,
-                      cluster_resolver=f.cluster_resolver,
-                      slurm_port_base=f.slurm_port_base,
-                      keep_checkpoints=f.keep_checkpoints,
-                      loss_spike_factor=f.loss_spike_factor,
-                      loss_spike_window=f.loss_spike_window,
-                      log_every_steps=f.log_every_steps, probe_epochs=f.probe_epochs,
-                      probe_random=f.probe_random, online_probe=f.online_probe,
-                      online_probe_lr=f.online_probe_lr,
-                      knn_every_epochs=f.knn_every_epochs, knn_k=knn_k,
-                      knn_temperature=f.knn_temperature,
-                      monitor_every_steps=f.monitor_every_steps,
-                      collapse_rank_share=f.collapse_rank_share,
-                      preview_images=f.preview_images, preview_only=f.preview_only,
-                      deterministic=f.deterministic,
-                      jit_compile=f.jit_compile,
-                      mixed_precision=f.mixed_precision, verbose=f.verbose)
-  return Config(data=data, augment=_views(f), model=model, loss=loss, optim=optim,
-                train=train)
-
-
-# Sections whose change makes an existing checkpoint the wrong one to resume from.
-_RESUME_KEYS = ("model", "loss")
-
-
-def check_resume_compatible(saved, current):
-  """Compares the saved config dict of a workdir with the current Config."""
-  now = current.to_dict()
-  for section in _RESUME_KEYS:
-    for key, value in now[section].items():
-      old = saved.get(section, {}).get(key, value)
-      if section == "model" and key == "sync_bn":
-        continue  # a replica-count choice; the weights are the same
-      if _normalise(old) != _normalise(value):
-        raise ConfigError(f"--{key}={value}: the workdir {current.train.workdir!r} was "
-                          f"trained with {key}={old}; use a new --workdir or the same value")
+  _checks(f, [
+      ("epochs", f.epochs >= 1, "must be >= 1"),
+      ("batch_size", f.batch_size >= 2, "must be >= 2 (covariance of a batch)"),
+      ("steps_per_epoch", f.steps_per_epoch >= 0, "must be >= 0"),
+      ("strategy", f.strategy in STRATEGIES, f"must be one of {STRATEGIES}"),
+      ("num_cpu_devices", f.num_cpu_devices >= 0, "must be >= 0"),
+      ("cluster_resolver", f.cluster_resolver == "tf_config" or
+       f.strategy == "multi_worker",
+       f"is read only with --strategy=multi_worker (--strategy={f.strategy})"),
+      ("num_cpu_devices", f.num_cpu_devices == 0 or f.strategy == "mirrored",
+       f"is read only with --strategy=mirrored (--strategy={f.strategy})"),
+      ("keep_checkpoints", f.keep_checkpoints >= 1, "must be >= 1"),
+      ("loss_spike_factor", f.loss_spike_factor == 0 or f.loss_spike_factor > 1,
+       "must be 0 (off) or > 1"),
+      ("loss_spike_window", f.loss_spike_window >= 5, "must be >= 5"),
+      ("log_every_steps", f.log_every_steps >= 1, "must be >= 1"),
+      ("probe_epochs", f.probe_epochs >= 0, "must be >= 0"),
+      ("online_probe_lr", f.online_probe_lr > 0, "must be > 0"),
+      ("knn_every_epochs", f.knn_every_epochs >= 0, "must be >= 0")])
+  knn_k = _positive_ints(f.knn_k, "knn_k")
+  _checks(f, [
+      ("knn_temperature", f.knn_temperature > 0, "must be > 0"),
+      ("monitor_every_steps", f.monitor_every_steps >= 0, "must be >= 0"),
+      ("collapse_rank_share", 0 <= f.collapse_rank_share <= 1, "must be in [0, 1]"),
+      ("preview_images", f.preview_images >= 0, "must be >= 0"),
+      ("mixed_precision", f.mixed_precision in MIXED_PRECISION,
+       f"must be one of {MIXED_PRECISION}"),
+      ("verbose", f.verbose in ("auto", "0", "1", "2"), "must be auto, 0, 1 or 2")])
+  return _from_flags(TrainConfig, f, knn_k=knn_k)
 
 
 def _normalise(value):
   return json.loads(json.dumps(value))
 
 
-def load_saved_config(workdir):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as fh:
-    return json.load(fh)
+# ----------------------------------------------------------------------------
+# The downstream commands' configs (linear and kNN evaluation, fine-tuning,
+# detection, export): one frozen dataclass each, built from flags here only.
+# ----------------------------------------------------------------------------
+
+
+def _checks(f, checks):
+  """[(flag, ok, requirement)] -> the first failing one as a ConfigError."""
+  for name, ok, requirement in checks:
+    _check(ok, name, getattr(f, name), requirement)
+
+
+def _positive_ints(values, flag):
+  try:
+    ints = tuple(int(v) for v in values)
+  except ValueError:
+    ints = ()
+  _check(ints and min(ints) >= 1, flag, ",".join(str(v) for v in values),
+         "must be positive integers")
+  return ints
+
+
+def _parent_of(path):
+  return os.path.dirname(os.path.normpath(path)) or "."
+
+
+def eval_data_from_flags(f):
+  """The data flags every evaluation and fine-tuning command shares."""
+  _check(f.dataset != "folder" or f.data_dir, "data_dir", "''",
+         "is required with --dataset=folder")
+  _check(f.max_image_pixels >= 1, "max_image_pixels", f.max_image_pixels, "must be >= 1")
+  return DataConfig(dataset=f.dataset, data_dir=f.data_dir, tfds_data_dir=f.tfds_data_dir,
+                    tfds_download=f.tfds_download, train_split=f.train_split,
+                    test_split=f.test_split, image_size=f.image_size,
+                    image_check=f.image_check, bad_images=f.bad_images,
+                    max_image_pixels=f.max_image_pixels)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearEvalConfig:
+  encoder: str
+  workdir: str
+  data: DataConfig
+  num_classes: int = 0
+  epochs: int = 100
+  batch_size: int = 256
+  lr: float = 0.2
+  min_lr: float = 2e-3
+  schedule: str = "cosine"
+  step_epochs: int = 20
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  augment: bool = True
+  crop_min_scale: float = 0.08
+  precompute_features: bool = False
+  eval_every_epochs: int = 10
+  keep_checkpoints: int = 2
+  seed: int = 0
+  deterministic: bool = False
+
+  # Settings whose change makes a checkpoint of this workdir the wrong one.
+  RESUME_KEYS = ("encoder", "data", "batch_size", "lr", "min_lr", "schedule",
+                 "step_epochs", "momentum", "weight_decay", "augment",
+                 "precompute_features", "crop_min_scale", "seed")
+
+
+def linear_eval_from_flags(f):
+  _checks(f, [("epochs", f.epochs >= 1, "must be >= 1"),
+              ("batch_size", f.batch_size >= 1, "must be >= 1"),
+              ("lr", f.lr > 0, "must be > 0"),
+              ("min_lr", f.min_lr >= 0, "must be >= 0"),
+              ("step_epochs", f.step_epochs >= 1, "must be >= 1"),
+              ("momentum", 0 <= f.momentum < 1, "must be in [0, 1)"),
+              ("weight_decay", f.weight_decay >= 0, "must be >= 0"),
+              ("crop_min_scale", 0 < f.crop_min_scale <= 1, "must be in (0, 1]"),
+              ("eval_every_epochs", f.eval_every_epochs >= 1, "must be >= 1"),
+              ("keep_checkpoints", f.keep_checkpoints >= 1, "must be >= 1"),
+              ("num_classes", f.num_classes >= 0, "must be >= 0")])
+  _check(not (f.precompute_features and f.augment), "precompute_features", True,
+         "requires --noaugment (augmented images give new features every epoch)")
+  return LinearEvalConfig(
+      encoder=f.encoder, workdir=f.output_dir or os.path.join(_parent_of(f.encoder),
+                                                              "linear_eval"),
+      data=eval_data_from_flags(f), num_classes=f.num_classes, epochs=f.epochs,
+      batch_size=f.batch_size, lr=f.lr, min_lr=f.min_lr, schedule=f.schedule,
+      step_epochs=f.step_epochs, momentum=f.momentum, weight_decay=f.weight_decay,
+      augment=f.augment, crop_min_scale=f.crop_min_scale,
+      precompute_features=f.precompute_features, eval_every_epochs=f.eval_every_epochs,
+      keep_checkpoints=f.keep_checkpoints, seed=f.seed, deterministic=f.deterministic)
+
+
+@dataclasses.dataclass(frozen=True)
+class KnnEvalConfig:
+  encoder: str
+  workdir: str
+  data: DataConfig
+  num_classes: int = 0
+  k: tuple = (20, 200)
+  temperature: float = 0.07
+
+
+def knn_eval_from_flags(f):
+  _checks(f, [("temperature", f.temperature > 0, "must be > 0"),
+              ("num_classes", f.num_classes >= 0, "must be >= 0")])
+  return KnnEvalConfig(
+      encoder=f.encoder, workdir=f.output_dir or os.path.join(_parent_of(f.encoder),
+                                                              "knn_eval"),
+      data=eval_data_from_flags(f), num_classes=f.num_classes,
+      k=_positive_ints(f.k, "k"), temperature=f.temperature)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  encoder: str
+  workdir: str
+  data: DataConfig
+  init: str = "pretrained"
+  label_fraction: float = 0.1
+  subset_seed: int = 0
+  epochs: int = 20
+  batch_size: int = 256
+  backbone_lr: float = 0.005
+  head_lr: float = 10.0
+  lr_decay_epochs: tuple = (12, 16)
+  lr_decay_factor: float = 0.2
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  crop_min_scale: float = 0.08
+  hflip_prob: float = 0.5
+  eval_every_epochs: int = 5
+  keep_checkpoints: int = 2
+  seed: int = 0
+  deterministic: bool = False
+
+  # The labelled subset (fraction, seed) is checked by label_subsets, naming its file.
+  RESUME_KEYS = ("encoder", "data", "init", "batch_size", "backbone_lr", "head_lr", "lr_decay_epochs",
+                 "lr_decay_factor", "momentum", "weight_decay", "crop_min_scale",
+                 "hflip_prob", "seed")
+
+
+def finetune_from_flags(f):
+  _check(0 < f.label_fraction <= 1, "label_fraction", f.label_fraction, "must be in (0, 1]")
+  _checks(f, [("epochs", f.epochs >= 1, "must be >= 1"),
+              ("batch_size", f.batch_size >= 2, "must be >= 2"),
+              ("backbone_lr", f.backbone_lr >= 0, "must be >= 0"),
+              ("head_lr", f.head_lr > 0, "must be > 0"),
+              ("lr_decay_factor", 0 < f.lr_decay_factor <= 1, "must be in (0, 1]"),
+              ("momentum", 0 <= f.momentum < 1, "must be in [0, 1)"),
+              ("weight_decay", f.weight_decay >= 0, "must be >= 0"),
+              ("crop_min_scale", 0 < f.crop_min_scale <= 1, "must be in (0, 1]"),
+              ("hflip_prob", 0 <= f.hflip_prob <= 1, "must be in [0, 1]"),
+              ("eval_every_epochs", f.eval_every_epochs >= 1, "must be >= 1"),
+              ("keep_checkpoints", f.keep_checkpoints >= 1, "must be >= 1")])
+  decay = _positive_ints(f.lr_decay_epochs, "lr_decay_epochs")
+  _check(list(decay) == sorted(decay), "lr_decay_epochs", ",".join(f.lr_decay_epochs),
+         "must be increasing positive epochs")
+  workdir = f.workdir or os.path.join(_parent_of(f.encoder),
+                                      f"finetune_{f.label_fraction:g}_{f.init}")
+  return FinetuneConfig(
+      encoder=f.encoder, workdir=workdir, data=eval_data_from_flags(f), init=f.init,
+      label_fraction=f.label_fraction, subset_seed=f.subset_seed, epochs=f.epochs,
+      batch_size=f.batch_size, backbone_lr=f.backbone_lr, head_lr=f.head_lr,
+      lr_decay_epochs=decay, lr_decay_factor=f.lr_decay_factor, momentum=f.momentum,
+      weight_decay=f.weight_decay, crop_min_scale=f.crop_min_scale,
+      hflip_prob=f.hflip_prob, eval_every_epochs=f.eval_every_epochs,
+      keep_checkpoints=f.keep_checkpoints, seed=f.seed, deterministic=f.deterministic)
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionDataConfig:
+  dataset: str = "generated"
+  tfds_data_dir: str = ""
+  train_split: str = "train"
+  test_split: str = "validation"
+  train_annotations: str = ""
+  train_images: str = ""
+  test_annotations: str = ""
+  test_images: str = ""
+  num_train_images: int = 512
+  num_test_images: int = 128
+  data_seed: int = 0
+  image_size: int = 48
+  max_boxes: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectConfig:
+  encoder: str
+  workdir: str
+  data: DetectionDataConfig
+  init: str = "pretrained"
+  min_level: int = 0
+  max_level: int = 0
+  head_convs: int = 2
+  epochs: int = 12
+  batch_size: int = 16
+  lr: float = 0.01
+  warmup_epochs: int = 1
+  momentum: float = 0.9
+  weight_decay: float = 1e-4
+  clipnorm: float = 10.0
+  eval_every_epochs: int = 4
+  keep_checkpoints: int = 2
+  seed: int = 0
+  deterministic: bool = False
+
+  RESUME_KEYS = ("encoder", "data", "init", "min_level", "max_level", "head_convs",
+                 "batch_size", "lr", "warmup_epochs", "momentum", "weight_decay",
+                 "clipnorm", "seed")
+
+
+def detect_from_flags(f):
+  _checks(f, [("epochs", f.epochs >= 1, "must be >= 1"),
+              ("batch_size", f.batch_size >= 1, "must be >= 1"),
+              ("lr", f.lr > 0, "must be > 0"),
+              ("image_size", f.image_size >= 16, "must be >= 16"),
+              ("max_boxes", f.max_boxes >= 1, "must be >= 1"),
+              ("head_convs", f.head_convs >= 1, "must be >= 1"),
+              ("eval_every_epochs", f.eval_every_epochs >= 1, "must be >= 1"),
+              ("keep_checkpoints", f.keep_checkpoints >= 1, "must be >= 1"),
+              ("warmup_epochs", f.warmup_epochs >= 0, "must be >= 0"),
+              ("num_train_images", f.num_train_images >= 1, "must be >= 1"),
+              ("num_test_images", f.num_test_images >= 1, "must be >= 1")])
+  if f.dataset == "coco_json":
+    for name in ("train_annotations", "train_images", "test_annotations", "test_images"):
+      _check(bool(getattr(f, name)), name, "''", "is required with --dataset=coco_json")
+  data = DetectionDataConfig(
+      dataset=f.dataset, tfds_data_dir=f.tfds_data_dir, train_split=f.train_split,
+      test_split=f.test_split, train_annotations=f.train_annotations,
+      train_images=f.train_images, test_annotations=f.test_annotations,
+      test_images=f.test_images, num_train_images=f.num_train_images,
+      num_test_images=f.num_test_images, data_seed=f.data_seed,
+      image_size=f.image_size, max_boxes=f.max_boxes)
+  workdir = f.workdir or os.path.join(_parent_of(f.encoder),
+                                      f"detect_{f.dataset.replace('/', '_')}_{f.init}")
+  return DetectConfig(
+      encoder=f.encoder, workdir=workdir, data=data, init=f.init, min_level=f.min_level,
+      max_level=f.max_level, head_convs=f.head_convs, epochs=f.epochs,
+      batch_size=f.batch_size, lr=f.lr, warmup_epochs=f.warmup_epochs,
+      momentum=f.momentum, weight_decay=f.weight_decay, clipnorm=f.clipnorm,
+      eval_every_epochs=f.eval_every_epochs, keep_checkpoints=f.keep_checkpoints,
+      seed=f.seed, deterministic=f.deterministic)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  workdir: str
+  export_dir: str
+  checkpoint: str = ""
+  overwrite: bool = False
+
+
+def export_from_flags(f):
+  return ExportConfig(workdir=f.workdir, export_dir=f.export_dir,
+                      checkpoint=f.checkpoint or "", overwrite=f.overwrite)
+
+
+def as_dict(config):
+  """A downstream config as a JSON-able dict (what the workdir's config.json holds)."""
+  return _normalise(dataclasses.asdict(config))
+
+
+def resume_settings(values, keys):
+  """The settings named by `keys` of a config dict, nested sections flattened to
+  their flag names (what a resume must not change)."""
+  flat = {}
+  for key, value in values.items():
+    if key not in keys:
+      continue
+    if isinstance(value, dict):
+      flat.update(value)
+    else:
+      flat[key] = value
+  return flat

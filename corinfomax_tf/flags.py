@@ -48,11 +48,19 @@ def define_data_flags():
 
 
 def define_flags():
-  """Every flag of the pretraining command."""
+  """Every flag of the pretraining command, in groups."""
   if "depth" in _DEFINED:
     return
-  f = flags
   define_data_flags()
+  _define_input_and_augmentation_flags()
+  _define_model_and_loss_flags()
+  _define_optimisation_flags()
+  _define_run_flags()
+  _define_monitoring_flags()
+
+
+def _define_input_and_augmentation_flags():
+  f = flags
   _track(f.DEFINE_string, "normalization", "auto",
          "Per-channel mean/std: auto (by data set), cifar10, cifar100, imagenet, digits.")
   _track(f.DEFINE_bool, "cache", False, "Cache decoded images of an image folder in memory.")
@@ -70,7 +78,10 @@ def define_flags():
          "Gaussian blur probability: one value, or view1,view2.")
   _track(f.DEFINE_list, "solarize_prob", ["0.0", "0.2"],
          "Solarisation probability: one value, or view1,view2.")
-  # Model.
+
+
+def _define_model_and_loss_flags():
+  f = flags
   _track(f.DEFINE_integer, "depth", 18, "ResNet depth: 18, 34 or 50.")
   _track(f.DEFINE_string, "stem", "cifar", "ResNet stem: cifar or imagenet.")
   _track(f.DEFINE_integer, "width", 64, "Filters of the first ResNet stage (64 standard).")
@@ -88,14 +99,21 @@ def define_flags():
   _track(f.DEFINE_float, "R_ini", 1.0, "R starts as R_ini * I.")
   _track(f.DEFINE_enum, "covariance", "per_branch", ["per_branch", "shared"],
          "One (mu, R) per view, or one over both views.")
-  # Optimisation.
+
+
+def _define_optimisation_flags():
+  f = flags
   _track(f.DEFINE_float, "lr", 0.5, "Base learning rate (for the global batch).")
   _track(f.DEFINE_float, "momentum", 0.9, "SGD momentum.")
   _track(f.DEFINE_float, "weight_decay", 1e-4, "Coupled L2 weight decay (PyTorch SGD).")
   _track(f.DEFINE_integer, "warmup_epochs", 10, "Linear warm-up epochs.")
   _track(f.DEFINE_float, "warmup_start_lr", 3e-3, "Learning rate at step 0.")
   _track(f.DEFINE_float, "min_lr", 1e-6, "Learning rate at the end of the cosine.")
-  # Training.
+
+
+def _define_run_flags():
+  """Workdir, length, seed, devices, checkpoints, guards, determinism, speed."""
+  f = flags
   _track(f.DEFINE_string, "workdir", "runs/default",
          "Checkpoints, TensorBoard logs, resolved flags and summary.json go here.")
   _track(f.DEFINE_integer, "epochs", 1000, "Pretraining epochs.")
@@ -119,6 +137,16 @@ def define_flags():
          "the median of the previous --loss_spike_window steps (0: off).")
   _track(f.DEFINE_integer, "loss_spike_window", 50,
          "Steps whose median loss the spike guard compares against.")
+  _track(f.DEFINE_bool, "deterministic", False,
+         "Deterministic ops (tf.config.experimental.enable_op_determinism) and a fixed "
+         "data order: two runs give bitwise-equal weights on the CPU.")
+  _track(f.DEFINE_bool, "jit_compile", False, "Compile the training step with XLA.")
+  _track(f.DEFINE_string, "mixed_precision", "none", "none, float16 or bfloat16.")
+
+
+def _define_monitoring_flags():
+  """Logs, probes, kNN, spectra, the augmentation preview, the console."""
+  f = flags
   _track(f.DEFINE_integer, "log_every_steps", 10, "TensorBoard scalar interval, in steps.")
   _track(f.DEFINE_integer, "probe_epochs", 100,
          "Epochs of the linear probe after pretraining; 0 skips the probe.")
@@ -141,14 +169,25 @@ def define_flags():
          "Images in the augmentation preview written at the start of training (0: off).")
   _track(f.DEFINE_bool, "preview_only", False,
          "Write the augmentation preview (TensorBoard and preview.png) and exit.")
-  _track(f.DEFINE_bool, "deterministic", False,
-         "Deterministic ops (tf.config.experimental.enable_op_determinism) and a fixed "
-         "data order: two runs give bitwise-equal weights on the CPU.")
-  _track(f.DEFINE_bool, "jit_compile", False, "Compile the training step with XLA.")
-  _track(f.DEFINE_string, "mixed_precision", "none", "none, float16 or bfloat16.")
   _track(f.DEFINE_string, "verbose", "auto",
          "Keras fit verbosity: auto (progress bar on a terminal, a line per epoch "
          "otherwise), 0, 1 or 2.")
+
+
+def define_encoder_flag(help_text):
+  flags.DEFINE_string("encoder", None, help_text)
+
+
+def define_lifecycle_flags(keep_checkpoints=2, seed_help="Seed of the head, data order "
+                           "and augmentation."):
+  """The flags of every downstream command that trains: checkpoints kept, seed,
+  deterministic ops."""
+  flags.DEFINE_integer("keep_checkpoints", keep_checkpoints, "Checkpoints kept.")
+  flags.DEFINE_integer("seed", 0, seed_help)
+  flags.DEFINE_bool("deterministic", False,
+                    "Deterministic ops (tf.config.experimental.enable_op_determinism): "
+                    "a rerun, or a killed run resumed, gives bitwise-equal weights on "
+                    "the CPU.")
 
 
 def resolved_flagfile(flag_values):
@@ -166,20 +205,9 @@ def resolved_flagfile(flag_values):
   return "\n".join(lines) + "\n"
 
 
-def begin_command(argv, flag_values, encoder_help=None, quiet_level="warning"):
-  """The commands' common start: absl logging at `quiet_level` unless --verbosity is
-  given, no stray arguments, and --encoder when `encoder_help` says what it must be."""
-  from absl import logging
-  if not flag_values["verbosity"].present:
-    logging.set_verbosity(quiet_level)
-  if len(argv) > 1:
-    exit_with_error(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
-  if encoder_help and not flag_values.encoder:
-    exit_with_error(f"--encoder is required ({encoder_help})")
-
-
 def exit_with_error(message, code=2):
-  """The commands' one-line error: `error: <message>` on stderr, exit status 2."""
+  """A flag-parsing error as one line (before any command runs): `error: <message>`
+  on stderr, exit status 2. Later errors are `errors.UserError`s (see cli.runner)."""
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)
 

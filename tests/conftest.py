@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-from corinfomax_tf import distribute  # noqa: E402
+from corinfomax_tf.training import distribute  # noqa: E402
 
 CPU_DEVICES = distribute.split_cpu(2)
 
@@ -19,6 +19,19 @@ CPU_DEVICES = distribute.split_cpu(2)
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: runs commands in subprocesses or trains for seconds; the quick "
+      "loop is `python -m pytest -q -m 'not slow' tests`")
+
+
+def pytest_collection_modifyitems(items):
+  # Every test that needs the smoke-trained export is slow (it trains one first).
+  for item in items:
+    if "trained" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.slow)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -37,3 +37,62 @@ def assert_one_line_errors(module, common, cases, env, cwd):
     last = err.strip().splitlines()[-1]
     assert proc.returncode == 2 and needle in last, err[-2000:]
     assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------
+# Commands in subprocesses.
+# ----------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.cfg")
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+
+
+def run_command(module, *args, timeout=300):
+  """`python -m <module> *args` from the repository root; the CompletedProcess."""
+  import subprocess
+  import sys
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                        text=True, timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def start_command(module, *args):
+  """`python -m <module> *args` started in the background; the Popen."""
+  import subprocess
+  import sys
+  return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+
+
+def checkpoint_numbers(workdir):
+  import glob
+  return sorted(int(p.rsplit("-", 1)[1].split(".")[0])
+                for p in glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index")))
+
+
+def kill_after_first_checkpoint(proc, workdir, timeout=240):
+  """SIGKILLs `proc` as soon as its first checkpoint exists; the checkpoints left."""
+  import signal
+  import time
+  deadline = time.time() + timeout
+  while not checkpoint_numbers(workdir) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  return checkpoint_numbers(workdir)
+
+
+def checkpoint_state(workdir):
+  """Every saved tensor of a workdir's latest checkpoint (weights, optimizer, step)."""
+  import tensorflow as tf
+  reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints"))
+  return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+          if not k.startswith("_CHECKPOINTABLE") and "save_counter" not in k}
+
+
+def assert_same_state(workdir, reference):
+  """The latest checkpoint of `workdir` equals `reference` (checkpoint_state), bitwise."""
+  state = checkpoint_state(workdir)
+  assert set(state) == set(reference)
+  for key, value in reference.items():
+    np.testing.assert_array_equal(state[key], value, err_msg=key)

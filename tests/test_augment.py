@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from corinfomax_tf import augment
+from corinfomax_tf.data import augment
 
 VIEW = augment.ViewConfig(blur_prob=0.5, solarize_prob=0.5)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

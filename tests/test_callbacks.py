@@ -5,7 +5,8 @@ import types
 import numpy as np
 import pytest
 
-from corinfomax_tf import callbacks
+from corinfomax_tf.training import callbacks
+from corinfomax_tf import errors
 
 
 class FakeModel:
@@ -31,7 +32,7 @@ def feed(guard, epochs):
 
 def test_a_spike_stops_the_run_naming_the_step_and_the_median():
   guard = callbacks.LossSpikeGuard(2.0, 5, "/runs/x")
-  with pytest.raises(callbacks.LossSpikeError,
+  with pytest.raises(errors.TrainingStopped,
                      match=r"loss 25 at step 8 is over --loss_spike_factor=2 times the median "
                            r"10 of the previous 5 steps: .* /runs/x is kept"):
     # The window spans the epoch boundary; step 8 is the 3rd of the second epoch.
@@ -59,7 +60,7 @@ def test_non_finite_loss_or_gradient_stops_the_run(key, message):
     logs = {"loss": np.float32(10.0), "grad_norm": np.float32(1.0)}
     if batch == 2:
       logs[key] = np.float32("nan" if key == "loss" else "inf")
-      with pytest.raises(callbacks.NonFiniteLossError, match=message):
+      with pytest.raises(errors.TrainingStopped, match=message):
         guard.on_train_batch_end(batch, logs)
     else:
       guard.on_train_batch_end(batch, logs)

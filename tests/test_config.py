@@ -8,6 +8,7 @@ from absl import flags
 
 from corinfomax_tf import config
 from corinfomax_tf import flags as flags_lib
+from corinfomax_tf import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags_lib.define_flags()
@@ -73,19 +74,21 @@ def test_resolved_flagfile_round_trips():
     (["--loss_spike_window=2"], "--loss_spike_window=2: must be >= 5"),
 ])
 def test_bad_values_name_the_flag(args, message):
-  with pytest.raises(config.ConfigError) as info:
+  with pytest.raises(errors.ConfigError) as info:
     parse(*args)
   assert message in str(info.value)
 
 
-def test_resume_compatibility_names_the_changed_flag():
-  cfg = parse("--depth=18")
-  saved = cfg.to_dict()
-  config.check_resume_compatible(saved, parse("--depth=18", "--lr=0.1"))
-  with pytest.raises(config.ConfigError, match="--depth=50: the workdir"):
-    config.check_resume_compatible(saved, parse("--depth=50"))
+def test_resume_compatibility_names_the_changed_flag(tmp_path):
+  from corinfomax_tf.training import workdir as workdir_lib
+  wd = workdir_lib.Workdir(str(tmp_path), lock=False)
+  saved = parse("--depth=18").to_dict()["model"]
+  wd.check_compatible(saved, parse("--depth=18", "--lr=0.1").to_dict()["model"])
+  with pytest.raises(errors.ConfigError, match="--depth=50: the workdir"):
+    wd.check_compatible(saved, parse("--depth=50").to_dict()["model"])
 
 
+@pytest.mark.slow
 def test_linear_eval_flagfiles_parse():
   """The linear_eval command's own flags, parsed in a separate process (its flags
   share names with the pretraining command's)."""
@@ -94,7 +97,7 @@ def test_linear_eval_flagfiles_parse():
   script = (
       "import sys\n"
       "from absl import flags\n"
-      "from corinfomax_tf import linear_eval\n"
+      "from corinfomax_tf.cli import linear_eval\n"
       "linear_eval.define_flags()\n"
       "for path in sys.argv[1:]:\n"
       "  flags.FLAGS.unparse_flags()\n"
@@ -132,11 +135,12 @@ def test_a_flag_set_twice_in_one_flagfile_is_a_contradiction(tmp_path):
     (["--max_image_pixels=0"], "--max_image_pixels=0: must be >= 1"),
 ])
 def test_flags_that_contradict_the_rest_are_named(args, needle):
-  with pytest.raises(config.ConfigError) as info:
+  with pytest.raises(errors.ConfigError) as info:
     parse(f"--flagfile={ROOT}/configs/digits.cfg", *args)
   assert needle in str(info.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, prefix, expected", [
     ("finetune", "semisup_", 3),
     ("detect", "detection_", 2),
@@ -150,7 +154,7 @@ def test_downstream_flagfiles_parse_with_their_command(module, prefix, expected)
   script = (
       "import sys\n"
       "from absl import flags\n"
-      f"from corinfomax_tf import {module} as m\n"
+      f"from corinfomax_tf.cli import {module} as m\n"
       "from corinfomax_tf import flags as flags_lib\n"
       "m.define_flags()\n"
       "for path in sys.argv[1:]:\n"

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from corinfomax_tf import augment
-from corinfomax_tf import data
+from corinfomax_tf.data import augment
+from corinfomax_tf.data import datasets as data
 from tests import helpers
+from corinfomax_tf import errors
 
 VIEWS = (augment.ViewConfig(), augment.ViewConfig(blur_prob=0.1, solarize_prob=0.2))
 
@@ -54,28 +55,28 @@ def test_eval_dataset_keeps_every_image(tmp_path):
 
 
 def test_folder_errors_name_the_path(tmp_path):
-  with pytest.raises(data.DataError, match="--data_dir: directory .*nope.* does not exist"):
+  with pytest.raises(errors.DataError, match="--data_dir: directory .*nope.* does not exist"):
     data.load_source("folder", image_size=8, data_dir=str(tmp_path / "nope"))
   os.makedirs(tmp_path / "d" / "train" / "empty_class")
-  with pytest.raises(data.DataError, match="empty_class.* holds no usable images"):
+  with pytest.raises(errors.DataError, match="empty_class.* holds no usable images"):
     data.load_source("folder", image_size=8, data_dir=str(tmp_path / "d"))
   helpers.write_image_folder(str(tmp_path / "e"), splits=("train",))
-  with pytest.raises(data.DataError, match="test.* does not exist"):
+  with pytest.raises(errors.DataError, match="test.* does not exist"):
     data.load_source("folder", image_size=8, data_dir=str(tmp_path / "e"))
 
 
 def test_tfds_not_prepared_fails_at_once_without_download(tmp_path):
-  with pytest.raises(data.DataError, match="--dataset=cifar10: not prepared"):
+  with pytest.raises(errors.DataError, match="--dataset=cifar10: not prepared"):
     data.load_source("cifar10", image_size=32, tfds_data_dir=str(tmp_path),
                      tfds_download=False)
-  with pytest.raises(data.DataError, match="--dataset=no_such_set_xyz"):
+  with pytest.raises(errors.DataError, match="--dataset=no_such_set_xyz"):
     data.load_source("no_such_set_xyz", image_size=32, tfds_data_dir=str(tmp_path))
 
 
 def test_tfds_download_offline_fails_at_once_with_one_line(tmp_path, monkeypatch):
   # The network check is replaced: tests must never reach out.
   monkeypatch.setattr(data, "_network_reachable", lambda *a, **k: False)
-  with pytest.raises(data.DataError, match="network is unreachable") as info:
+  with pytest.raises(errors.DataError, match="network is unreachable") as info:
     data.load_source("cifar10", image_size=32, tfds_data_dir=str(tmp_path),
                      tfds_download=True)
   assert "\n" not in str(info.value)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from corinfomax_tf import data
-from corinfomax_tf import detection_data
-from corinfomax_tf import detection_metrics
-from corinfomax_tf import detector as detector_lib
+
+from corinfomax_tf.data import detection as detection_data
+from corinfomax_tf.evaluation import detection_metrics
+from corinfomax_tf.models import detector as detector_lib
 from tests import helpers
+from corinfomax_tf import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
@@ -126,7 +127,7 @@ def test_coco_json_boxes_are_scaled_with_the_image(tmp_path):
 ])
 def test_bad_user_annotations_are_named(tmp_path, annotation, needle):
   ann, folder = _write_coco(tmp_path, [annotation])
-  with pytest.raises(data.DataError) as info:
+  with pytest.raises(errors.DataError) as info:
     detection_data.read_coco_json(ann, folder)
   assert f"--train_annotations={ann}: {needle}" == str(info.value)
 
@@ -134,29 +135,31 @@ def test_bad_user_annotations_are_named(tmp_path, annotation, needle):
 def test_missing_image_file_is_named(tmp_path):
   ann, folder = _write_coco(tmp_path, [])
   os.remove(os.path.join(folder, "b.png"))
-  with pytest.raises(data.DataError, match="image 'b.png' is not in"):
+  with pytest.raises(errors.DataError, match="image 'b.png' is not in"):
     detection_data.read_coco_json(ann, folder)
 
 
 def test_pyramid_levels_follow_the_true_strides():
   assert detector_lib.levels_for("imagenet") == (3, 7)
   assert detector_lib.levels_for("cifar") == (2, 4)
-  with pytest.raises(detector_lib.DetectorError, match="--max_level=5: .*ends at 3"):
+  with pytest.raises(errors.ConfigError, match="--max_level=5: .*ends at 3"):
     detector_lib.levels_for("cifar", 2, 5)
-  with pytest.raises(detector_lib.DetectorError, match="--min_level=1: .*levels 2..5"):
+  with pytest.raises(errors.ConfigError, match="--min_level=1: .*levels 2..5"):
     detector_lib.levels_for("imagenet", 1, 5)
 
 
 def test_retinanet_on_our_backbone_trains_and_gives_boxes(trained, tmp_path):
-  from corinfomax_tf import detect
-  from corinfomax_tf import export_lib
+  from corinfomax_tf import config
+  from corinfomax_tf.downstream import detection as detect
+  from corinfomax_tf.export import saved_model as export_lib
   _, export_dir = trained
   encoder, metadata = export_lib.load_trainable_encoder(export_dir)
   before = encoder.get_layer("stem_conv").get_weights()[0].copy()
   source = detection_data.generated_source(image_size=32, num_train=64, num_test=16)
-  result = detect.run_detection(encoder, metadata, source, workdir=str(tmp_path / "det"),
-                                image_size=32, epochs=4, batch_size=8, lr=0.01,
-                                eval_every_epochs=4, log=lambda line: None)
+  cfg = config.DetectConfig(encoder=export_dir, workdir=str(tmp_path / "det"),
+                            data=config.DetectionDataConfig(image_size=32), epochs=4,
+                            batch_size=8, lr=0.01, eval_every_epochs=4)
+  result = detect.run_detection(encoder, metadata, source, cfg, log=lambda line: None)
   assert result["last_epoch_loss"] < result["first_epoch_loss"]
   assert not np.array_equal(before, encoder.get_layer("stem_conv").get_weights()[0])
   assert 0.0 <= result["mAP"] <= result["AP50"] <= 1.0

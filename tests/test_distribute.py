@@ -6,9 +6,10 @@ import pytest
 import tensorflow as tf
 
 from corinfomax_tf import config
-from corinfomax_tf import schedules
-from corinfomax_tf import ssl_model
+from corinfomax_tf.training import schedules
+from corinfomax_tf.method import model as ssl_model
 from tests.conftest import CPU_DEVICES
+from corinfomax_tf import errors
 
 MODEL = config.ModelConfig(width=4, projector="32-16", sync_bn=True)
 LOSS = config.LossConfig(alpha=50.0, la_R=0.1, la_mu=0.1)
@@ -114,8 +115,8 @@ def test_logged_loss_is_the_computed_loss(strategies):
 
 
 def test_slurm_resolver_builds_the_cluster_from_slurm_variables(monkeypatch):
-  from corinfomax_tf import distribute
-  with pytest.raises(distribute.StrategyError, match="--cluster_resolver=slurm: "
+  from corinfomax_tf.training import distribute
+  with pytest.raises(errors.ConfigError, match="--cluster_resolver=slurm: "
                      "SLURM_PROCID is not set"):
     for name in distribute.SLURM_VARIABLES:
       monkeypatch.delenv(name, raising=False)
@@ -137,7 +138,8 @@ def test_a_non_finite_gradient_stops_the_run_before_any_save(strategies, tmp_pat
                                                              poisoned):
   """A NaN in one replica's gradient (the loss still finite at that step) stops
   training at that step; no checkpoint of the poisoned weights is written."""
-  from corinfomax_tf import callbacks
+  from corinfomax_tf.training import callbacks
+  from corinfomax_tf.training import workdir as workdir_lib
   strategy = strategies[replicas - 1]
   model = build(strategy)
   real_gradient = tf.GradientTape.gradient
@@ -151,11 +153,11 @@ def test_a_non_finite_gradient_stops_the_run_before_any_save(strategies, tmp_pat
   monkeypatch.setattr(tf.GradientTape, "gradient", poisoned_gradient)
 
   with strategy.scope():
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(encoder=model.encoder),
-                                         str(tmp_path), max_to_keep=2)
+    checkpoints = workdir_lib.Checkpoints(tf.train.Checkpoint(encoder=model.encoder),
+                                          str(tmp_path), keep=2)
   guard = callbacks.FiniteLossGuard(str(tmp_path))
-  with pytest.raises(callbacks.NonFiniteLossError,
+  with pytest.raises(errors.TrainingStopped,
                      match=r"gradient norm is nan after step 1: training stopped"):
     model.fit(batches(), epochs=1, verbose=0, shuffle=False,
-              callbacks=[guard, callbacks.CheckpointSaver(manager)])
-  assert manager.latest_checkpoint is None
+              callbacks=[guard, callbacks.CheckpointSaver(checkpoints)])
+  assert checkpoints.latest is None

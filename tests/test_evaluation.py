@@ -5,9 +5,9 @@ import numpy as np
 import tensorflow as tf
 
 from corinfomax_tf import config
-from corinfomax_tf import evaluation
-from corinfomax_tf import schedules
-from corinfomax_tf import ssl_model
+from corinfomax_tf.evaluation import probes as evaluation
+from corinfomax_tf.training import schedules
+from corinfomax_tf.method import model as ssl_model
 
 
 def test_knn_weighted_votes_on_hand_made_features():

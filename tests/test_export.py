@@ -1,5 +1,6 @@
 """Encoder export: reload in a fresh process, signatures, fine-tuning, bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from corinfomax_tf import export_lib
+from corinfomax_tf.export import saved_model as export_lib
 from tests import helpers
+from corinfomax_tf import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.cfg")
@@ -35,7 +37,7 @@ def test_export_layout_and_metadata(trained):
 
 def test_fresh_process_gives_the_live_features_for_batches_of_1_and_7(trained, tmp_path):
   workdir, export_dir = trained
-  encoder, config, step = export_lib.restore_encoder(workdir)
+  encoder, config, step, _ = export_lib.restore_encoder(workdir)
   mean = np.array(config["data"]["mean"], np.float32)
   std = np.array(config["data"]["std"], np.float32)
   rs = np.random.RandomState(0)
@@ -135,7 +137,7 @@ def test_bad_export_input_is_named_and_nothing_is_overwritten(trained, tmp_path)
   (empty / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
   result = run("export/export_encoder.py", f"--workdir={empty}", f"--export_dir={tmp_path}/e")
   assert result.returncode == 2 and "holds no checkpoint" in result.stderr.splitlines()[-1]
-  with pytest.raises(export_lib.ExportError, match="not a corinfomax_tf encoder export"):
+  with pytest.raises(errors.ExportError, match="not a corinfomax_tf encoder export"):
     export_lib.read_metadata(str(other))
 
 
@@ -153,27 +155,32 @@ def test_evaluation_commands_reject_mismatched_input(trained, tmp_path):
   result = run("-m", "corinfomax_tf.linear_eval", f"--encoder={tmp_path}/none",
                "--dataset=digits", "--image_size=8")
   assert result.returncode == 2 and "does not exist" in result.stderr.splitlines()[-1]
+  result = run("-m", "corinfomax_tf.linear_eval", f"--encoder={export_dir}",
+               "--dataset=digits", "--image_size=8", "--precompute_features")
+  assert result.returncode == 2
+  assert "--precompute_features=True: requires --noaugment" in result.stderr.splitlines()[-1]
 
 
 def test_linear_eval_and_knn_beat_chance_on_generated_images(trained, tmp_path):
-  from corinfomax_tf import data as data_lib
-  from corinfomax_tf import knn_eval
-  from corinfomax_tf import linear_eval
+  from corinfomax_tf import config
+  from corinfomax_tf.data import datasets as data_lib
+  from corinfomax_tf.evaluation import knn
+  from corinfomax_tf.evaluation import linear
   _, export_dir = trained
   root = helpers.write_image_folder(str(tmp_path / "images"), classes=3, per_class=20,
                                     size=(12, 12))
   encoder = export_lib.load_encoder(export_dir)
   source = data_lib.load_source("folder", image_size=8, data_dir=root)
-  knn = knn_eval.run_knn_eval(encoder, source, image_size=8, ks=(5, 20))
-  assert knn["k5_top1"] > 80 and knn["k20_top1"] > 80   # chance: 33%
-  result = linear_eval.run_linear_eval(encoder, source, image_size=8, epochs=30,
-                                       batch_size=16, lr=0.2, eval_every_epochs=30,
-                                       logdir=str(tmp_path / "lin"), log=lambda m: None)
+  result = knn.run_knn_eval(encoder, source, image_size=8, ks=(5, 20))
+  assert result["k5_top1"] > 80 and result["k20_top1"] > 80   # chance: 33%
+  data = config.DataConfig(dataset="folder", data_dir=root, image_size=8)
+  cfg = config.LinearEvalConfig(encoder=export_dir, workdir=str(tmp_path / "lin"),
+                                data=data, epochs=30, batch_size=16, lr=0.2,
+                                eval_every_epochs=30)
+  result = linear.run_linear_eval(encoder, source, cfg, log=lambda m: None)
   assert result["top1"] > 80, result
-  fast = linear_eval.run_linear_eval(encoder, source, image_size=8, epochs=30, batch_size=16,
-                                     augment=False, precompute_features=True,
-                                     eval_every_epochs=30, log=lambda m: None)
+  fast = linear.run_linear_eval(
+      encoder, source, dataclasses.replace(cfg, workdir=str(tmp_path / "fast"),
+                                           augment=False, precompute_features=True),
+      log=lambda m: None)
   assert fast["top1"] > 80 and "not the paper" in fast["protocol"]
-  with pytest.raises(linear_eval.EvalError, match="--precompute_features: requires"):
-    linear_eval.run_linear_eval(encoder, source, image_size=8, epochs=1,
-                                precompute_features=True, augment=True)

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from corinfomax_tf import data
-from corinfomax_tf import export_lib
-from corinfomax_tf import finetune
-from corinfomax_tf import label_subsets
-from corinfomax_tf import linear_eval
+from corinfomax_tf.data import datasets as data
+from corinfomax_tf.export import saved_model as export_lib
+from corinfomax_tf.downstream import finetune
+from corinfomax_tf.data import label_subsets
+from corinfomax_tf import config
+from corinfomax_tf.evaluation import probes
 from tests import helpers
+from corinfomax_tf import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
@@ -43,7 +45,7 @@ def test_subset_is_class_balanced_and_reproducible_from_its_seed():
 ])
 def test_bad_fractions_are_named(fraction, needle):
   labels = np.repeat(np.arange(3), [100, 100, 20])
-  with pytest.raises(label_subsets.SubsetError) as info:
+  with pytest.raises(errors.ConfigError) as info:
     label_subsets.balanced_subset(labels, fraction, 0, 3)
   assert needle in str(info.value)
 
@@ -60,7 +62,7 @@ def test_subset_is_written_reread_and_disjoint_from_the_test_split(tmp_path):
   assert saved["indices"] == first.tolist() and saved["per_class"] == [3, 3, 3]
   np.testing.assert_array_equal(
       label_subsets.subset_for_workdir(workdir, labels, 0.3, 7, 3), first)
-  with pytest.raises(label_subsets.SubsetError, match="--subset_seed: .*seed=7 \\(now 8\\)"):
+  with pytest.raises(errors.ConfigError, match="--subset_seed: .*seed=7 \\(now 8\\)"):
     label_subsets.subset_for_workdir(workdir, labels, 0.3, 8, 3)
   chosen = {source.scans[0].paths[i] for i in first}
   test_paths = set(source.scans[1].paths)
@@ -74,7 +76,7 @@ def _mean_loss(encoder, head, metadata, source, indices):
   mask = np.zeros(source.num_train, bool)
   mask[indices] = True
   ds = source.train.enumerate().filter(lambda i, ex: tf.gather(tf.constant(mask), i))
-  ds = linear_eval.eval_images(ds.map(lambda i, ex: ex), metadata["image_size"])
+  ds = probes.eval_images(ds.map(lambda i, ex: ex), metadata["image_size"])
   losses = []
   for images, labels in ds:
     logits = head(encoder((images - mean) / std, training=False))
@@ -90,10 +92,11 @@ def test_finetuning_an_export_changes_its_weights_and_lowers_the_loss(trained, t
   source = data.load_source("digits", image_size=8)
   workdir = str(tmp_path / "ft")
   # 108 steps: with 36 steps of 16 the eval-mode loss below had not fallen yet.
-  kwargs = dict(workdir=workdir, label_fraction=0.1, epochs=6, batch_size=8,
-                backbone_lr=0.02, head_lr=0.2, lr_decay_epochs=(4,), eval_every_epochs=3,
-                crop_min_scale=0.5, log=lambda line: None)
-  result = finetune.run_finetune(encoder, metadata, source, **kwargs)
+  cfg = config.FinetuneConfig(
+      encoder=export_dir, workdir=workdir, data=config.DataConfig(image_size=8),
+      label_fraction=0.1, epochs=6, batch_size=8, backbone_lr=0.02, head_lr=0.2,
+      lr_decay_epochs=(4,), eval_every_epochs=3, crop_min_scale=0.5)
+  result = finetune.run_finetune(encoder, metadata, source, cfg, log=lambda line: None)
   after = [v.numpy() for v in encoder.trainable_variables]
   changed = sum(not np.array_equal(a, b) for a, b in zip(before, after))
   assert changed == len(before)

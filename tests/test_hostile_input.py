@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from corinfomax_tf import augment
-from corinfomax_tf import data
-from corinfomax_tf import image_folder
+from corinfomax_tf.data import augment
+from corinfomax_tf.data import datasets as data
+from corinfomax_tf.data import image_folder
 from tests import helpers
+from corinfomax_tf import errors
 
 VIEWS = (augment.ViewConfig(), augment.ViewConfig())
 
@@ -100,7 +101,7 @@ def test_hostile_folder_trains_and_evaluates(hostile_root):
 
 def test_bad_images_error_names_the_file(hostile_root):
   root, _ = hostile_root
-  with pytest.raises(data.DataError, match=r"bad image '.*class_1/\w+\.(png|jpg)': "):
+  with pytest.raises(errors.DataError, match=r"bad image '.*class_1/\w+\.(png|jpg)': "):
     data.load_source("folder", image_size=12, data_dir=root, bad_images="error",
                      max_image_pixels=50_000)
 
@@ -111,7 +112,7 @@ def test_a_class_left_empty_by_skipping_is_rejected(tmp_path):
   for name in os.listdir(folder):
     with open(os.path.join(folder, name), "wb") as fh:
       fh.write(b"broken")
-  with pytest.raises(data.DataError, match="class_0' holds no usable images"):
+  with pytest.raises(errors.DataError, match="class_0' holds no usable images"):
     data.load_source("folder", image_size=12, data_dir=root)
 
 

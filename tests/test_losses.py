@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from corinfomax_tf import losses
+from corinfomax_tf.method import losses
 
 HP = dict(alpha=250.0, cov_weight=1.0, la_R=0.01, la_mu=0.01, eps=1e-8)
 

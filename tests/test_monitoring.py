@@ -15,9 +15,9 @@ import pytest
 import tensorflow as tf
 
 from corinfomax_tf import config
-from corinfomax_tf import monitoring
-from corinfomax_tf import schedules
-from corinfomax_tf import ssl_model
+from corinfomax_tf.evaluation import monitoring
+from corinfomax_tf.training import schedules
+from corinfomax_tf.method import model as ssl_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.cfg")
@@ -115,6 +115,7 @@ def _get(port, path):
     return json.loads(r.read().decode())
 
 
+@pytest.mark.slow
 def test_a_real_tensorboard_server_lists_the_run(tmp_path):
   workdir = str(tmp_path / "run")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from corinfomax_tf import schedules
+from corinfomax_tf.training import schedules
 
 
 def test_warmup_cosine_values():

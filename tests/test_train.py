@@ -12,6 +12,8 @@ import pytest
 
 from tests import helpers
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.cfg")
 
@@ -379,11 +381,3 @@ def test_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_path):
   result = train(*args[3:])
   assert result.returncode == 0, result.stderr[-2000:]
   assert "Resumed from" in result.stdout and summary(workdir)["step"] == 12
-
-
-def test_too_little_free_space_is_refused_before_training(tmp_path):
-  from corinfomax_tf import train as train_lib
-  with pytest.raises(train_lib.WorkdirError, match=r"--workdir=.*: 10 MiB free, the run "
-                     r"needs about 464 MiB \(4 checkpoints of 100 MiB and logs\)"):
-    train_lib.check_free_space(str(tmp_path), 100 * 2**20, keep=3, free_bytes=10 * 2**20)
-  train_lib.check_free_space(str(tmp_path), 100 * 2**20, keep=3, free_bytes=500 * 2**20)

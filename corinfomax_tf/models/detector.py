@@ -15,14 +15,11 @@ import math
 
 import keras
 import numpy as np
+from corinfomax_tf import errors
 
 STAGE_STRIDES = {"cifar": {"P2": 1, "P3": 2, "P4": 4, "P5": 8},
                  "imagenet": {"P2": 4, "P3": 8, "P4": 16, "P5": 32}}
 DEFAULT_LEVELS = {"cifar": (2, 4), "imagenet": (3, 7)}
-
-
-class DetectorError(ValueError):
-  """Detector settings that cannot work; the message names the flag."""
 
 
 def levels_for(stem, min_level=0, max_level=0):
@@ -31,14 +28,24 @@ def levels_for(stem, min_level=0, max_level=0):
   min_level, max_level = min_level or default_min, max_level or default_max
   available = sorted(int(math.log2(s)) for s in STAGE_STRIDES[stem].values())
   if not available[0] <= min_level <= available[-1]:
-    raise DetectorError(f"--min_level={min_level}: the {stem}-stem encoder gives levels "
+    raise errors.ConfigError(f"--min_level={min_level}: the {stem}-stem encoder gives levels "
                         f"{available[0]}..{available[-1]}")
   if max_level < min_level:
-    raise DetectorError(f"--max_level={max_level}: must be >= --min_level={min_level}")
+    raise errors.ConfigError(f"--max_level={max_level}: must be >= --min_level={min_level}")
   if max_level >= 5 and available[-1] < 5:
-    raise DetectorError(f"--max_level={max_level}: keras-hub's pyramid needs backbone "
+    raise errors.ConfigError(f"--max_level={max_level}: keras-hub's pyramid needs backbone "
                         f"level 5 for that; the {stem}-stem encoder ends at "
                         f"{available[-1]} (use --max_level<=4)")
+  return min_level, max_level
+
+
+def check_settings(stem, image_size, min_level=0, max_level=0):
+  """(min_level, max_level) for this stem, or one line naming the flag that cannot
+  work (checked before any work by the command, again when the detector is built)."""
+  min_level, max_level = levels_for(stem, min_level, max_level)
+  if image_size % 2**max_level:
+    raise errors.ConfigError(f"--image_size={image_size}: must be divisible by "
+                             f"2**max_level = {2**max_level}")
   return min_level, max_level
 
 
@@ -48,10 +55,7 @@ def build_detector(encoder, metadata, num_classes, *, image_size, min_level=0,
   """RetinaNetObjectDetector whose backbone is `encoder` (shared, trainable)."""
   import keras_hub
   stem = metadata["architecture"]["stem"]
-  min_level, max_level = levels_for(stem, min_level, max_level)
-  if image_size % 2**max_level:
-    raise DetectorError(f"--image_size={image_size}: must be divisible by "
-                        f"2**max_level = {2**max_level}")
+  min_level, max_level = check_settings(stem, image_size, min_level, max_level)
   mean = np.asarray(metadata["normalization"]["mean"], np.float32)
   std = np.asarray(metadata["normalization"]["std"], np.float32)
   images = keras.Input((image_size, image_size, 3), name="images")

@@ -30,13 +30,10 @@ import shutil
 
 import keras
 import tensorflow as tf
+from corinfomax_tf import errors
 
 METADATA_FILE = os.path.join("assets.extra", "corinfomax_tf.json")
 FORMAT = "corinfomax_tf.encoder.v1"
-
-
-class ExportError(ValueError):
-  """An export or encoder path that cannot be used; the message names it."""
 
 
 # ----------------------------------------------------------------------------
@@ -45,25 +42,28 @@ class ExportError(ValueError):
 
 
 def restore_encoder(workdir, checkpoint=None):
-  """(encoder, config dict, step) from a training workdir's latest (or given)
-  checkpoint; raises ExportError naming the workdir."""
-  from corinfomax_tf.models import resnet
+  """(encoder, config dict, step, checkpoint path) from a training workdir's newest
+  intact (or the given) checkpoint; raises a UserError naming the workdir or file."""
+  from corinfomax_tf.models import factory
+  from corinfomax_tf.training import workdir as workdir_lib
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
-    raise ExportError(f"--workdir={workdir}: no config.json (not a training workdir)")
+    raise errors.ExportError(f"--workdir={workdir}: no config.json (not a training workdir)")
   with open(config_path) as fh:
     config = json.load(fh)
-  path = checkpoint or tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-  if not path:
-    raise ExportError(f"--workdir={workdir}: holds no checkpoint yet")
-  if not tf.io.gfile.exists(path + ".index"):
-    raise ExportError(f"--checkpoint={path}: no such checkpoint")
-  m = config["model"]
-  encoder = resnet.ResNetEncoder(depth=m["depth"], stem=m["stem"], width=m["width"],
-                                 name="encoder")
+  directory = os.path.join(workdir, "checkpoints")
+  if checkpoint and not tf.io.gfile.exists(checkpoint + ".index"):
+    raise errors.ExportError(f"--checkpoint={checkpoint}: no such checkpoint")
+  encoder = factory.encoder_from_architecture(config["model"])
   step = tf.Variable(0, dtype=tf.int64)
-  tf.train.Checkpoint(encoder=encoder, step=step).restore(path).expect_partial()
-  return encoder, config, int(step.numpy())
+  # A reader: damaged checkpoints are skipped (with a warning), never moved.
+  checkpoints = workdir_lib.Checkpoints(tf.train.Checkpoint(encoder=encoder, step=step),
+                                        directory, keep=1, chief=False)
+  path = (checkpoints.restore_from(checkpoint, partial=True) if checkpoint else
+          checkpoints.restore_latest(partial=True))
+  if not path:
+    raise errors.ExportError(f"--workdir={workdir}: holds no checkpoint yet")
+  return encoder, config, int(step.numpy()), path
 
 
 def metadata_for(encoder, config, step, checkpoint_path=""):
@@ -137,21 +137,21 @@ def is_our_export(path):
 def write_export(encoder, metadata, export_dir, overwrite=False):
   """Writes <export_dir>.steps/<step>/ atomically and points <export_dir> at it.
 
-  Returns the step directory. Refuses (ExportError) an export_dir that exists and
+  Returns the step directory. Refuses (errors.ExportError) an export_dir that exists and
   is not one of our exports, and an existing step unless `overwrite`.
   """
   export_dir = os.path.normpath(export_dir)
   if os.path.lexists(export_dir) and not os.path.islink(export_dir):
-    raise ExportError(f"--export_dir={export_dir}: exists and is not an export link of "
+    raise errors.ExportError(f"--export_dir={export_dir}: exists and is not an export link of "
                       "corinfomax_tf; choose another path")
   if os.path.islink(export_dir) and not is_our_export(export_dir):
-    raise ExportError(f"--export_dir={export_dir}: is a link to something that is not a "
+    raise errors.ExportError(f"--export_dir={export_dir}: is a link to something that is not a "
                       "corinfomax_tf export")
   root = steps_dir(export_dir)
   os.makedirs(root, exist_ok=True)
   final = os.path.join(root, str(metadata["step"]))
   if os.path.exists(final) and not overwrite:
-    raise ExportError(f"--export_dir={export_dir}: step {metadata['step']} is already "
+    raise errors.ExportError(f"--export_dir={export_dir}: step {metadata['step']} is already "
                       f"exported at {final} (pass --overwrite to replace it)")
   tmp = os.path.join(root, f".tmp-{metadata['step']}-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
@@ -185,14 +185,20 @@ def _point_link(link, target):
 
 def read_metadata(path):
   if not is_our_export(path):
-    raise ExportError(f"--encoder={path}: not a corinfomax_tf encoder export "
+    raise errors.ExportError(f"--encoder={path}: not a corinfomax_tf encoder export "
                       f"(no {METADATA_FILE})")
   with open(os.path.join(path, METADATA_FILE)) as fh:
     metadata = json.load(fh)
   if metadata.get("format") != FORMAT:
-    raise ExportError(f"--encoder={path}: export format {metadata.get('format')!r}, "
+    raise errors.ExportError(f"--encoder={path}: export format {metadata.get('format')!r}, "
                       f"expected {FORMAT!r}")
   return metadata
+
+
+def provenance(path, metadata, dataset):
+  """What a downstream result was computed from: the encoder and its step, the data."""
+  return {"encoder": os.path.abspath(path), "encoder_step": metadata["step"],
+          "dataset": dataset}
 
 
 class FrozenEncoder:
@@ -215,21 +221,22 @@ class FrozenEncoder:
   def feature_dim(self):
     return self.metadata["architecture"]["feature_dim"]
 
-  def __call__(self, images01):
+  def __call__(self, images01, training=False):
+    # Frozen: BatchNorm in inference mode whatever `training` says.
     return self._fn(images01)
 
 
 def load_encoder(path):
   """An export directory (or its link) or a training workdir -> FrozenEncoder."""
   if not os.path.exists(path):
-    raise ExportError(f"--encoder={path}: does not exist")
+    raise errors.ExportError(f"--encoder={path}: does not exist")
   if is_our_export(path):
     metadata = read_metadata(path)
     loaded = tf.saved_model.load(path)
     return FrozenEncoder(loaded.call_inference, metadata, loaded.trainable_variables,
                          owner=loaded)
   if os.path.isfile(os.path.join(path, "config.json")):
-    encoder, config, step = restore_encoder(path)
+    encoder, config, step, _ = restore_encoder(path)
     metadata = metadata_for(encoder, config, step)
     mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
     std = tf.constant(metadata["normalization"]["std"], tf.float32)
@@ -238,7 +245,7 @@ def load_encoder(path):
     def call(images01):
       return encoder((images01 - mean) / std, training=False)
     return FrozenEncoder(call, metadata, encoder.trainable_variables, owner=encoder)
-  raise ExportError(f"--encoder={path}: neither a corinfomax_tf export nor a training "
+  raise errors.ExportError(f"--encoder={path}: neither a corinfomax_tf export nor a training "
                     "workdir")
 
 
@@ -254,21 +261,20 @@ def load_trainable_encoder(path, name="encoder"):
   """
   import numpy as np
 
-  from corinfomax_tf.models import resnet
+  from corinfomax_tf.models import factory
   if not os.path.exists(path):
-    raise ExportError(f"--encoder={path}: does not exist")
+    raise errors.ExportError(f"--encoder={path}: does not exist")
   if os.path.isfile(os.path.join(path, "config.json")) and not is_our_export(path):
-    encoder, config, step = restore_encoder(path)
+    encoder, config, step, _ = restore_encoder(path)
     return encoder, metadata_for(encoder, config, step)
   metadata = read_metadata(path)
   arch = metadata["architecture"]
   loaded = tf.saved_model.load(path)
-  encoder = resnet.ResNetEncoder(depth=arch["depth"], stem=arch["stem"],
-                                 width=arch["width"], name=name)
+  encoder = factory.encoder_from_architecture(arch, name=name)
   saved = list(getattr(loaded, "variables", []))
   if len(saved) != len(encoder.variables) or any(
       tuple(a.shape) != tuple(b.shape) for a, b in zip(saved, encoder.variables)):
-    raise ExportError(f"--encoder={path}: its {len(saved)} variables do not match a "
+    raise errors.ExportError(f"--encoder={path}: its {len(saved)} variables do not match a "
                       f"ResNet-{arch['depth']} ({arch['stem']} stem, width "
                       f"{arch['width']}) with {len(encoder.variables)}")
   for target, value in zip(encoder.variables, saved):
@@ -280,7 +286,26 @@ def load_trainable_encoder(path, name="encoder"):
   want = loaded.call_inference(images).numpy()
   got = encoder((images - mean) / std, training=False).numpy()
   if not np.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max())):
-    raise ExportError(f"--encoder={path}: the rebuilt encoder does not reproduce the "
+    raise errors.ExportError(f"--encoder={path}: the rebuilt encoder does not reproduce the "
                       "export's features (max difference "
                       f"{np.abs(got - want).max():.3g}); re-export it")
   return encoder, metadata
+
+
+def export_workdir(workdir, export_dir, checkpoint="", overwrite=False):
+  """Exports the encoder of a training workdir's checkpoint (default: the latest),
+  then proves the export reloads and computes what the live encoder computes.
+  Returns (export path, step)."""
+  import numpy as np
+  encoder, config, step, checkpoint = restore_encoder(workdir, checkpoint or None)
+  metadata = metadata_for(encoder, config, step, checkpoint)
+  path = write_export(encoder, metadata, export_dir, overwrite=overwrite)
+  size = metadata["image_size"]
+  images = np.random.RandomState(0).randint(0, 256, (3, size, size, 3)).astype(np.uint8)
+  loaded = tf.saved_model.load(path)
+  got = loaded.signatures["serving_default"](images=tf.constant(images))["features"]
+  mean = np.array(metadata["normalization"]["mean"], np.float32)
+  std = np.array(metadata["normalization"]["std"], np.float32)
+  want = encoder((images.astype(np.float32) / 255.0 - mean) / std, training=False)
+  np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+  return path, step

@@ -3,10 +3,10 @@
 import keras
 import tensorflow as tf
 
-from corinfomax_tf import distribute
-from corinfomax_tf import losses
+from corinfomax_tf.training import distribute
+from corinfomax_tf.method import losses
 from corinfomax_tf.models import projector as projector_lib
-from corinfomax_tf.models import resnet
+from corinfomax_tf.models import factory
 
 METRIC_NAMES = ("loss", "attraction", "cov")
 
@@ -163,9 +163,8 @@ def split_views(data):
 def build_pretraining_model(model_cfg, loss_cfg, sync_bn=False, vector_logs=False,
                             probe_classes=0):
   """Encoder, projector and loss layer from config objects (call inside a scope)."""
-  encoder = resnet.ResNetEncoder(depth=model_cfg.depth, stem=model_cfg.stem,
-                                 width=model_cfg.width, image_size=None,
-                                 sync_batch_norm=sync_bn, name="encoder")
+  encoder = factory.encoder(model_cfg.depth, model_cfg.stem, model_cfg.width,
+                            sync_batch_norm=sync_bn)
   projector = projector_lib.Projector(
       input_dim=encoder.feature_dim, spec=model_cfg.projector,
       batch_norm=model_cfg.projector_bn, l2_normalize=model_cfg.l2_normalize,

@@ -9,7 +9,7 @@ Sources yield (image, label) with uint8 images (H, W, 3):
   * "folder": a directory with one sub-folder per split, each holding one sub-folder
     of images per class (ImageNet-100, Tiny ImageNet, a user's own data).
 
-Errors a user can cause raise DataError, whose message names the flag or path.
+Errors a user can cause raise errors.DataError, whose message names the flag or path.
 """
 
 import dataclasses
@@ -19,16 +19,13 @@ import socket
 import numpy as np
 import tensorflow as tf
 
-from corinfomax_tf import augment
-from corinfomax_tf import image_folder
+from corinfomax_tf.data import augment
+from corinfomax_tf.data import image_folder
+from corinfomax_tf import errors
 
 DIGITS_NUM_CLASSES = 10
 # A tfds set whose decoded train split fits in this many bytes is cached decoded.
 IN_MEMORY_BYTES = 2**30
-
-
-class DataError(ValueError):
-  """A data set or path the user named cannot be used."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,15 +95,15 @@ def tfds_source(name, data_dir, train_split, test_split, download):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises several types for unknown names
-    raise DataError(f"--dataset={name}: not a tensorflow-datasets data set "
+    raise errors.DataError(f"--dataset={name}: not a tensorflow-datasets data set "
                     f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
   if not builder.is_prepared():
     where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
     if not download:
-      raise DataError(f"--dataset={name}: not prepared in --tfds_data_dir={where} and "
+      raise errors.DataError(f"--dataset={name}: not prepared in --tfds_data_dir={where} and "
                       "--tfds_download is off; prepare it there or pass --tfds_download")
     if not _network_reachable():
-      raise DataError(f"--dataset={name}: not prepared in --tfds_data_dir={where} and "
+      raise errors.DataError(f"--dataset={name}: not prepared in --tfds_data_dir={where} and "
                       "the network is unreachable for a download; run `python -m "
                       "tensorflow_datasets.scripts.download_and_prepare "
                       f"--datasets={name}` on a machine with network and copy it there")
@@ -114,10 +111,10 @@ def tfds_source(name, data_dir, train_split, test_split, download):
   splits = builder.info.splits
   for flag, split in (("--train_split", train_split), ("--test_split", test_split)):
     if split not in splits:
-      raise DataError(f"{flag}={split}: {name} has splits {sorted(splits.keys())}")
+      raise errors.DataError(f"{flag}={split}: {name} has splits {sorted(splits.keys())}")
   features = builder.info.features
   if "image" not in features or "label" not in features:
-    raise DataError(f"--dataset={name}: needs 'image' and 'label' features; "
+    raise errors.DataError(f"--dataset={name}: needs 'image' and 'label' features; "
                     f"has {sorted(features.keys())}")
 
   def load(split):
@@ -173,20 +170,17 @@ def folder_source(data_dir, train_split, test_split, in_memory=False,
                   image_check="header", max_image_pixels=image_folder.DEFAULT_MAX_PIXELS,
                   bad_images="skip"):
   if not os.path.isdir(data_dir):
-    raise DataError(f"--data_dir: directory {data_dir!r} does not exist")
+    raise errors.DataError(f"--data_dir: directory {data_dir!r} does not exist")
   scans = {}
   for flag, split in (("--data_dir/--train_split", train_split),
                       ("--data_dir/--test_split", test_split)):
-    try:
-      scans[split] = image_folder.scan_image_folder(
-          os.path.join(data_dir, split), flag, check=image_check,
-          max_pixels=max_image_pixels, on_bad=bad_images)
-    except image_folder.FolderError as e:
-      raise DataError(str(e)) from None
+    scans[split] = image_folder.scan_image_folder(
+        os.path.join(data_dir, split), flag, check=image_check,
+        max_pixels=max_image_pixels, on_bad=bad_images)
   train, test = scans[train_split], scans[test_split]
   if test.classes != train.classes:
     missing = sorted(set(train.classes) ^ set(test.classes))[:5]
-    raise DataError(f"--data_dir: {train.root!r} and {test.root!r} have different "
+    raise errors.DataError(f"--data_dir: {train.root!r} and {test.root!r} have different "
                     f"class folders (e.g. {missing})")
 
   def paths_of(scan):
@@ -204,12 +198,12 @@ def load_source(dataset, *, image_size, data_dir=None, tfds_data_dir=None,
                 train_split="train", test_split="test", tfds_download=False,
                 cache=False, image_check="header",
                 max_image_pixels=image_folder.DEFAULT_MAX_PIXELS, bad_images="skip"):
-  """Builds the Source a config names; fails fast with a DataError."""
+  """Builds the Source a config names; fails fast with an errors.DataError."""
   if dataset == "digits":
     return digits_source(image_size)
   if dataset == "folder":
     if not data_dir:
-      raise DataError("--data_dir is required with --dataset=folder")
+      raise errors.DataError("--data_dir is required with --dataset=folder")
     return folder_source(data_dir, train_split, test_split, in_memory=cache,
                          image_check=image_check, max_image_pixels=max_image_pixels,
                          bad_images=bad_images)
@@ -321,3 +315,23 @@ def eval_dataset(ds, *, batch_size, image_size, mean, std):
     return augment.eval_view(augment.to_float(image), image_size, mean, std), label
   ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def load_eval_source(data_cfg, encoder_image_size, num_classes=0, log=print):
+  """The labelled source an evaluation or fine-tuning command names, checked against
+  the encoder (`data_cfg`: a config.DataConfig)."""
+  if data_cfg.image_size != encoder_image_size:
+    raise errors.ConfigError(f"--image_size={data_cfg.image_size}: the encoder was "
+                             f"trained at {encoder_image_size}; evaluate at the same size")
+  source = load_source(
+      data_cfg.dataset, image_size=data_cfg.image_size, data_dir=data_cfg.data_dir or None,
+      tfds_data_dir=data_cfg.tfds_data_dir or None, train_split=data_cfg.train_split,
+      test_split=data_cfg.test_split, tfds_download=data_cfg.tfds_download,
+      image_check=data_cfg.image_check, bad_images=data_cfg.bad_images,
+      max_image_pixels=data_cfg.max_image_pixels)
+  for scan in source.scans:
+    log(scan.summary())
+  if num_classes and num_classes != source.num_classes:
+    raise errors.ConfigError(f"--num_classes={num_classes}: --dataset={data_cfg.dataset} "
+                             f"has {source.num_classes} classes")
+  return source

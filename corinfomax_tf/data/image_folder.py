@@ -28,6 +28,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import os
+from corinfomax_tf import errors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 CHECKS = ("none", "header", "full")
@@ -41,10 +42,6 @@ CONVERTED_MODES = {"CMYK": "cmyk", "I;16": "16-bit", "I;16B": "16-bit", "I": "16
                    "P": "palette", "RGBA": "alpha", "PA": "palette"}
 SKIP_REASONS = ("not_an_image", "empty_file", "unreadable", "unsupported_format",
                 "truncated", "too_large", "corrupt")
-
-
-class FolderError(ValueError):
-  """An image folder that cannot be used; the message names the flag and the path."""
 
 
 @dataclasses.dataclass
@@ -145,15 +142,15 @@ def scan_image_folder(root, flag="--data_dir", check="header",
                       max_pixels=DEFAULT_MAX_PIXELS, on_bad="skip", workers=16):
   """Lists root/<class>/<file>, checks every file, and sorts out what is usable."""
   if check not in CHECKS:
-    raise FolderError(f"--image_check={check}: must be one of {CHECKS}")
+    raise errors.DataError(f"--image_check={check}: must be one of {CHECKS}")
   if on_bad not in ON_BAD:
-    raise FolderError(f"--bad_images={on_bad}: must be one of {ON_BAD}")
+    raise errors.DataError(f"--bad_images={on_bad}: must be one of {ON_BAD}")
   if not os.path.isdir(root):
-    raise FolderError(f"{flag}: directory {root!r} does not exist")
+    raise errors.DataError(f"{flag}: directory {root!r} does not exist")
   classes = sorted(d for d in os.listdir(root)
                    if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
   if not classes:
-    raise FolderError(f"{flag}: {root!r} has no class sub-folders")
+    raise errors.DataError(f"{flag}: {root!r} has no class sub-folders")
   candidates = []
   for index, name in enumerate(classes):
     folder = os.path.join(root, name)
@@ -177,13 +174,13 @@ def scan_image_folder(root, flag="--data_dir", check="header",
         converted[detail] += 1
       continue
     if on_bad == "error" and reason != "not_an_image":
-      raise FolderError(f"{flag}: bad image {path!r}: {reason.replace('_', ' ')} "
+      raise errors.DataError(f"{flag}: bad image {path!r}: {reason.replace('_', ' ')} "
                         f"({detail}); remove it or pass --bad_images=skip")
     skipped[reason].append((path, detail))
   counts = collections.Counter(labels)
   for index, name in enumerate(classes):
     if not counts[index]:
       folder = os.path.join(root, name)
-      raise FolderError(f"{flag}: class folder {folder!r} holds no usable images "
+      raise errors.DataError(f"{flag}: class folder {folder!r} holds no usable images "
                         f"({', '.join(IMAGE_EXTENSIONS)}); remove the folder or add images")
   return FolderScan(root, paths, labels, classes, dict(skipped), dict(converted))

@@ -11,7 +11,8 @@ import tensorflow as tf
 
 
 def extract_features(encoder, dataset):
-  """Pooled features of every batch of a finite (images, labels) dataset."""
+  """Pooled features of every batch of a finite (images, labels) dataset (`encoder`:
+  a Keras encoder or an export's `FrozenEncoder`)."""
 
   # One trace for every batch size (the last batch is smaller).
   spec = dataset.element_spec[0]
@@ -55,6 +56,21 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, *, epochs=100,
                  shuffle=True)
   scores = classifier.predict(test_x, batch_size=1024, verbose=0)
   return topk_accuracy(scores, test_y)
+
+
+def eval_images(split, image_size, batch_size=256):
+  """Resize-and-centre-crop float images in [0, 1], for an encoder that normalises
+  inside (an export)."""
+  from corinfomax_tf.data import datasets
+  return datasets.eval_dataset(split, batch_size=batch_size, image_size=image_size,
+                               mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def check_labels(labels, num_classes, split):
+  from corinfomax_tf import errors
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise errors.ConfigError(f"--{split}: labels in [{labels.min()}, {labels.max()}] do "
+                             f"not fit {num_classes} classes")
 
 
 def topk_accuracy(scores, labels, ks=(1, 5)):

@@ -17,7 +17,6 @@ import keras
 from keras import ops
 
 
-@keras.saving.register_keras_serializable(package="corinfomax_tf")
 def step_schedule(base_lr, decay_epochs, factor, steps_per_epoch):
   """base_lr, times `factor` at each of `decay_epochs` (constant if there are none)."""
   boundaries = [int(e) * steps_per_epoch for e in decay_epochs]
@@ -28,6 +27,7 @@ def step_schedule(base_lr, decay_epochs, factor, steps_per_epoch):
       boundaries, [base_lr * factor**i for i in range(len(boundaries) + 1)])
 
 
+@keras.saving.register_keras_serializable(package="corinfomax_tf")
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
   """Linear warm-up from `warmup_start_lr` to `base_lr`, then cosine to `min_lr`.
 

@@ -286,5 +286,6 @@ class CorInfoMaxLoss(keras.layers.Layer):
     config = super().get_config()
     config.update(dim=self.dim, alpha=self.alpha, cov_weight=self.cov_weight,
                   la_R=self.la_R, la_mu=self.la_mu, eps=self.eps, R_ini=self.R_ini,
-                  covariance=self.covariance)
+                  covariance=self.covariance,
+                  track_cross_covariance=self.track_cross_covariance)
     return config

@@ -3,8 +3,6 @@
 import collections
 import contextlib
 import math
-import re
-import shutil
 import signal
 import sys
 import time
@@ -12,18 +10,7 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or infinite; training stopped before any save."""
-
-
-class CheckpointWriteError(RuntimeError):
-  """A checkpoint could not be written (disk full, quota, permissions)."""
-
-
-class LossSpikeError(RuntimeError):
-  """A step's loss jumped far above its recent median; training stopped before any save."""
+from corinfomax_tf import errors
 
 
 class StepValues:
@@ -41,33 +28,6 @@ class StepValues:
     values = {k: (batch + 1) * m - batch * self._prev.get(k, m) for k, m in means.items()}
     self._prev = means
     return values
-
-
-def save_checkpoint(manager, step):
-  """manager.save, with a failed write reported as one line naming the kept checkpoint.
-
-  TensorFlow writes a checkpoint's files first and switches the `checkpoint` pointer
-  file (atomically) only after they are complete, and deletes old checkpoints only
-  after that: a write that fails half-way leaves the pointer at the last good one.
-  """
-  try:
-    return manager.save(checkpoint_number=step)
-  except (OSError, tf.errors.OpError) as e:
-    reason = (e.strerror or str(e)) if isinstance(e, OSError) else e.message
-    # Drop TensorFlow's "{{function_node ...}}" prefix: the rest names the file.
-    reason = re.sub(r"\{\{[^}]*\}\}\s*", "", reason.splitlines()[0])[:200]
-    kept = tf.train.latest_checkpoint(manager.directory)
-    free = shutil.disk_usage(manager.directory).free / 2**20
-    raise CheckpointWriteError(
-        f"the checkpoint of step {step} could not be written to {manager.directory} "
-        f"({reason}; {free:.0f} MiB free there); the last good checkpoint "
-        f"({kept or 'none yet'}) is kept: free space and rerun the same command to "
-        "resume") from None
-
-
-def checkpoint_bytes(variables):
-  """Bytes one checkpoint of these variables takes (values only; the index is small)."""
-  return int(sum(np.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables))
 
 
 def _scalar(value):
@@ -96,7 +56,7 @@ class FiniteLossGuard(keras.callbacks.Callback):
       value = _scalar(logs[key])
       if not math.isfinite(value):
         step = int(self.model.step_counter.numpy())
-        raise NonFiniteLossError(
+        raise errors.TrainingStopped(
             f"{what} is {value} after step {step}: training stopped; the last good "
             f"checkpoint in {self.workdir} is kept (lower --lr, raise --eps, or check "
             "the data)")
@@ -128,7 +88,7 @@ class LossSpikeGuard(keras.callbacks.Callback):
       median = float(np.median(self.recent))
       if median > 0 and loss > self.factor * median:
         step = int(self.model.step_counter.numpy())
-        raise LossSpikeError(
+        raise errors.TrainingStopped(
             f"loss {loss:.4g} at step {step} is over --loss_spike_factor={self.factor:g} "
             f"times the median {median:.4g} of the previous {self.window} steps: training "
             f"stopped; the last good checkpoint in {self.workdir} is kept (lower --lr, "
@@ -137,21 +97,22 @@ class LossSpikeGuard(keras.callbacks.Callback):
 
 
 class CheckpointSaver(keras.callbacks.Callback):
-  """Saves a checkpoint at the end of every epoch, numbered by the global step."""
+  """Saves a checkpoint at the end of every epoch, numbered by the global step
+  (`checkpoints`: a workdir's `Checkpoints`)."""
 
-  def __init__(self, manager):
+  def __init__(self, checkpoints):
     super().__init__()
-    self.manager = manager
+    self.checkpoints = checkpoints
 
   def on_epoch_end(self, epoch, logs=None):
     terms = {k: v for k, v in (logs or {}).items() if k in ("loss", "attraction", "cov")}
     if not all(math.isfinite(_scalar(v)) for v in terms.values()):
-      raise NonFiniteLossError(f"non-finite metrics at the end of epoch {epoch + 1}: "
+      raise errors.TrainingStopped(f"non-finite metrics at the end of epoch {epoch + 1}: "
                                f"{logs}; no checkpoint written")
     step = int(self.model.step_counter.numpy())
-    if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
+    if self.checkpoints.saved_at(step):
       return  # already saved at this step (a preemption save just before)
-    save_checkpoint(self.manager, step)
+    self.checkpoints.save(step)
 
 
 def scalar_tag(name):
@@ -173,9 +134,9 @@ class PreemptionSaver(keras.callbacks.Callback):
   training thread, so a checkpoint is never taken of a half-applied update.
   """
 
-  def __init__(self, manager):
+  def __init__(self, checkpoints):
     super().__init__()
-    self.manager = manager
+    self.checkpoints = checkpoints
     self.signal_name = None
     self.saved_step = None
 
@@ -199,9 +160,9 @@ class PreemptionSaver(keras.callbacks.Callback):
       return
     self.saved_step = int(self.model.step_counter.numpy())
     if not math.isfinite(_scalar(logs["loss"])):
-      raise NonFiniteLossError(f"loss is not finite at step {self.saved_step}; "
+      raise errors.TrainingStopped(f"loss is not finite at step {self.saved_step}; "
                                "not saved on preemption")
-    save_checkpoint(self.manager, self.saved_step)
+    self.checkpoints.save(self.saved_step)
     self.model.stop_training = True
 
 
@@ -292,7 +253,7 @@ class KNNMonitor(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     if (epoch + 1) % self.every:
       return
-    from corinfomax_tf import evaluation
+    from corinfomax_tf.evaluation import probes as evaluation
     encoder = self.model.encoder
     train_x, train_y = evaluation.extract_features(encoder, self.train_ds)
     test_x, test_y = evaluation.extract_features(encoder, self.test_ds)

@@ -16,17 +16,14 @@ import os
 import numpy as np
 
 from corinfomax_tf import atomic_files
+from corinfomax_tf import errors
 
 SUBSET_FILE = "label_subset.json"
 
 
-class SubsetError(ValueError):
-  """A fraction or subset that cannot be used; the message names the flag."""
-
-
 def validate_fraction(fraction):
   if not 0.0 < fraction <= 1.0:
-    raise SubsetError(f"--label_fraction={fraction}: must be in (0, 1]")
+    raise errors.ConfigError(f"--label_fraction={fraction}: must be in (0, 1]")
 
 
 def balanced_subset(labels, fraction, seed, num_classes):
@@ -34,7 +31,7 @@ def balanced_subset(labels, fraction, seed, num_classes):
   validate_fraction(fraction)
   labels = np.asarray(labels, np.int64)
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise SubsetError(f"--train_split: labels in [{labels.min()}, {labels.max()}] do not "
+    raise errors.ConfigError(f"--train_split: labels in [{labels.min()}, {labels.max()}] do not "
                       f"fit {num_classes} classes")
   rng = np.random.RandomState(seed)
   chosen = []
@@ -42,7 +39,7 @@ def balanced_subset(labels, fraction, seed, num_classes):
     members = np.flatnonzero(labels == c)
     count = int(np.floor(fraction * len(members) + 0.5))
     if count == 0:
-      raise SubsetError(
+      raise errors.ConfigError(
           f"--label_fraction={fraction}: leaves class {c} with no example (it has "
           f"{len(members)} training images); raise the fraction")
     chosen.append(rng.permutation(members)[:count])
@@ -69,7 +66,7 @@ def subset_for_workdir(workdir, labels, fraction, seed, num_classes):
       if saved.get(key) != value:
         flag = {"fraction": "--label_fraction", "seed": "--subset_seed",
                 "labels_digest": "--dataset/--train_split"}[key]
-        raise SubsetError(f"{flag}: the workdir {workdir!r} holds a label subset drawn "
+        raise errors.ConfigError(f"{flag}: the workdir {workdir!r} holds a label subset drawn "
                           f"with {key}={saved.get(key)} (now {value}); use a new "
                           "--workdir or the same value")
     return np.asarray(saved["indices"], np.int64)

@@ -25,7 +25,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from corinfomax_tf import data as data_lib
+from corinfomax_tf.data import datasets as data_lib
+from corinfomax_tf import errors
 
 GENERATED = "generated"
 COCO_JSON = "coco_json"
@@ -130,7 +131,7 @@ def read_coco_json(annotations_path, images_dir, flag="--train_annotations"):
 
   Every annotation is validated here, before any training; errors name the item."""
   def fail(message):
-    raise data_lib.DataError(f"{flag}={annotations_path}: {message}")
+    raise errors.DataError(f"{flag}={annotations_path}: {message}")
   if not os.path.isfile(annotations_path):
     fail("no such file")
   try:
@@ -213,7 +214,7 @@ def coco_json_source(train_annotations, train_images, test_annotations, test_ima
                             ("--test_annotations", test_annotations, test_images)):
     paths, targets, split_names, _ = read_coco_json(ann, folder, flag)
     if names is not None and split_names != names:
-      raise data_lib.DataError(f"{flag}={ann}: its categories differ from the training "
+      raise errors.DataError(f"{flag}={ann}: its categories differ from the training "
                                "annotations'")
     names = split_names
     padded = [pad_boxes(b, l, max_boxes) for b, l, _, _ in targets]
@@ -237,13 +238,13 @@ def tfds_detection_source(name, data_dir, train_split, test_split, *, image_size
   import tensorflow_datasets as tfds
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
-    raise data_lib.DataError(
+    raise errors.DataError(
         f"--dataset={name}: not prepared in --tfds_data_dir={data_dir or '~/tensorflow_datasets'}; "
         f"run `python -m tensorflow_datasets.scripts.download_and_prepare --datasets={name}` "
         "on a machine with network and copy it there")
   features = builder.info.features
   if "objects" not in features or "bbox" not in features["objects"]:
-    raise data_lib.DataError(f"--dataset={name}: not a detection set (needs objects/bbox)")
+    raise errors.DataError(f"--dataset={name}: not a detection set (needs objects/bbox)")
 
   def convert(example):
     image = tf.image.resize(example["image"], (image_size, image_size))
@@ -264,3 +265,18 @@ def tfds_detection_source(name, data_dir, train_split, test_split, *, image_size
   return DetectionSource(name, load(train_split), load(test_split),
                          splits[train_split].num_examples, splits[test_split].num_examples,
                          tuple(features["objects"]["label"].names))
+
+
+def load_detection_source(cfg):
+  """The DetectionSource a config.DetectionDataConfig names."""
+  if cfg.dataset == GENERATED:
+    return generated_source(image_size=cfg.image_size, num_train=cfg.num_train_images,
+                            num_test=cfg.num_test_images, seed=cfg.data_seed,
+                            max_boxes=cfg.max_boxes)
+  if cfg.dataset == COCO_JSON:
+    return coco_json_source(cfg.train_annotations, cfg.train_images, cfg.test_annotations,
+                            cfg.test_images, image_size=cfg.image_size,
+                            max_boxes=cfg.max_boxes)
+  return tfds_detection_source(cfg.dataset, cfg.tfds_data_dir or None, cfg.train_split,
+                               cfg.test_split, image_size=cfg.image_size,
+                               max_boxes=cfg.max_boxes)

@@ -8,6 +8,7 @@ import json
 import os
 
 import tensorflow as tf
+from corinfomax_tf import errors
 
 
 def split_cpu(num_devices):
@@ -20,10 +21,6 @@ def split_cpu(num_devices):
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices)
   return [d.name for d in tf.config.list_logical_devices("CPU")]
-
-
-class StrategyError(ValueError):
-  """The cluster cannot be resolved; the message names the flag or variable."""
 
 
 SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
@@ -40,10 +37,10 @@ def cluster_resolver(kind, port_base=8888):
   if kind == "tf_config":
     return None
   if kind != "slurm":
-    raise StrategyError(f"--cluster_resolver={kind}: must be tf_config or slurm")
+    raise errors.ConfigError(f"--cluster_resolver={kind}: must be tf_config or slurm")
   missing = [v for v in SLURM_VARIABLES if v not in os.environ]
   if missing:
-    raise StrategyError(f"--cluster_resolver=slurm: {missing[0]} is not set (start "
+    raise errors.ConfigError(f"--cluster_resolver=slurm: {missing[0]} is not set (start "
                         "the command with srun inside a SLURM allocation)")
   if tf.config.list_physical_devices("GPU"):
     return tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base)

@@ -1,0 +1,366 @@
+"""The pretraining job: prepare, build and restore, fit, evaluate, summarise.
+
+    summary = PretrainingJob(cfg, flagfile_text).run()
+
+`cfg` is a validated `config.Config`; nothing here reads flags. The workdir layer
+(`training.workdir`) owns the lock, the saved config, the checkpoints and the atomic
+result; this module owns what is particular to pretraining: the strategy, the
+two-view stream that resumes exactly, the callbacks, and the end-of-training probes.
+"""
+
+import os
+import sys
+
+from corinfomax_tf import errors
+
+SUMMARY_FILE = "summary.json"
+# Sections of the saved config whose change makes a checkpoint the wrong one to
+# resume from (sync_bn is a replica-count choice: the weights are the same).
+RESUME_SECTIONS = ("model", "loss")
+RESUME_IGNORED = ("sync_bn",)
+
+
+def steps_per_epoch(cfg, num_train):
+  if cfg.train.steps_per_epoch:
+    return cfg.train.steps_per_epoch
+  steps = num_train // cfg.train.batch_size
+  if steps < 1:
+    raise errors.ConfigError(
+        f"--batch_size={cfg.train.batch_size}: larger than the {num_train} training "
+        f"images of --dataset={cfg.data.dataset}")
+  return steps
+
+
+def report_data_scan(source, workdir, log):
+  """Logs what the image-folder check kept, converted and skipped; writes the list."""
+  for scan in source.scans:
+    line = scan.summary()
+    (log.warning if scan.num_skipped else log.info)(line)
+    if scan.num_skipped:
+      print(line, flush=True)
+  if workdir is not None:
+    workdir.write_json("data_report.json", source.scan_report())
+
+
+def write_preview(cfg, source, workdir):
+  """Both views of the first training images: TensorBoard image and preview.png."""
+  import tensorflow as tf
+  from PIL import Image
+
+  from corinfomax_tf.evaluation import monitoring
+  count = cfg.train.preview_images or 8
+  images = [image.numpy() for image, _ in source.train.take(count)]
+  grid = monitoring.augmentation_preview(
+      images, (cfg.augment.view1, cfg.augment.view2), cfg.data.image_size,
+      cfg.data.mean, cfg.data.std, seed=cfg.train.seed)
+  Image.fromarray(grid).save(workdir.join("preview.png"))
+  with tf.summary.create_file_writer(workdir.join("train")).as_default(step=0):
+    tf.summary.image("augmentations/original_view1_view2", grid[None])
+
+
+def _final_terms(history):
+  return {k: float(v[-1][0] if hasattr(v[-1], "__len__") else v[-1])
+          for k, v in history.history.items()}
+
+
+class PretrainingJob:
+  """One pretraining run of a validated Config, in the phases its `run` lists."""
+
+  def __init__(self, cfg, flagfile_text=None, log=print):
+    self.cfg = cfg
+    self.flagfile_text = flagfile_text
+    self.log = log
+
+  def run(self):
+    """The whole job; returns the summary dict (also written to summary.json)."""
+    from corinfomax_tf.training import distribute
+    from corinfomax_tf.training import workdir as workdir_lib
+    t = self.cfg.train
+    self.strategy = distribute.make_strategy(t.strategy, t.num_cpu_devices,
+                                             t.cluster_resolver, t.slurm_port_base)
+    self.chief = distribute.is_chief(self.strategy)
+    # Only the chief locks: a multi-worker run is one holder.
+    with workdir_lib.Workdir(t.workdir, command="corinfomax_tf.train", lock=self.chief,
+                             log=self.log) as self.workdir:
+      if not self.prepare():
+        return {}
+      self.build_and_restore()
+      if self.step < self.total_steps:
+        self.fit()
+      else:
+        self.log(f"Already trained: step {self.step} of {self.total_steps} in {t.workdir}")
+        if "probe" in self.previous or t.probe_epochs == 0:
+          return self.previous
+      self.summary["step"] = int(self.model.step_counter.numpy())
+      self.evaluate()
+      return self.summarise()
+
+  # -- phases ----------------------------------------------------------------
+
+  def prepare(self):
+    """Replicas, the saved config, the data, the resolved flags and the preview.
+    Returns False when the job ends here (--preview_only)."""
+    from absl import logging as absl_logging
+
+    from corinfomax_tf.data import datasets as data_lib
+    cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
+    self.replicas = self.strategy.num_replicas_in_sync
+    if t.batch_size % self.replicas:
+      raise errors.ConfigError(
+          f"--batch_size={t.batch_size}: not divisible by the {self.replicas} replicas")
+    saved = self.workdir.read_json("config.json")
+    if saved is not None and self.workdir.has_checkpoints():
+      now = cfg.to_dict()
+      for section in RESUME_SECTIONS:
+        self.workdir.check_compatible(saved.get(section, {}), now[section],
+                                      ignore=RESUME_IGNORED)
+    self.source = data_lib.load_source(d.dataset, **d.source_kwargs())
+    if self.source.scans:
+      report_data_scan(self.source, self.workdir if self.chief else None, absl_logging)
+    self.spe = steps_per_epoch(cfg, self.source.num_train)
+    self.total_steps = self.spe * t.epochs
+    if self.chief:
+      self.workdir.write_text("config.json", cfg.to_json())
+      if self.flagfile_text:
+        self.workdir.write_text("flags.cfg", self.flagfile_text)
+      if t.preview_images or t.preview_only:
+        write_preview(cfg, self.source, self.workdir)
+      if t.preview_only:
+        self.log(f"Augmentation preview written to {t.workdir}/preview.png and "
+                 f"{t.workdir}/train")
+        return False
+    return True
+
+  def build_and_restore(self):
+    """Seeds, the model, optimizer and checkpoints (inside the strategy's scope),
+    then the newest intact checkpoint."""
+    import keras
+    import tensorflow as tf
+
+    from corinfomax_tf.training import distribute
+    from corinfomax_tf.training import workdir as workdir_lib
+    t = self.cfg.train
+    keras.utils.set_random_seed(t.seed)
+    if t.deterministic:
+      tf.config.experimental.enable_op_determinism()
+    if t.mixed_precision != "none":
+      keras.mixed_precision.set_global_policy(f"mixed_{t.mixed_precision}")
+    with self.strategy.scope():
+      tracked = self._build_model()
+      # Every worker restores the chief's checkpoints (the workdir is on a file
+      # system all hosts share), so that all of them resume at the same step and
+      # run the same collectives. The others must save too (saving is collective)
+      # but not over the chief's files.
+      directory = "checkpoints"
+      if not self.chief:
+        directory = os.path.join(
+            "tmp_workers", f"worker_{self.strategy.cluster_resolver.task_id}")
+      if self.chief:
+        self.workdir.check_free_space(workdir_lib.checkpoint_bytes(
+            [v for obj in tracked.values() for v in getattr(obj, "variables", [obj])]),
+            t.keep_checkpoints)
+      self.checkpoints = self.workdir.checkpoints(
+          tf.train.Checkpoint(**tracked), keep=t.keep_checkpoints, directory=directory,
+          restore_from="checkpoints", chief=self.chief)
+      restored = self.checkpoints.restore_latest()
+      if restored:
+        self.log(f"Resumed from {restored}")
+    self.step = int(self.model.step_counter.numpy())
+    self.previous = self.workdir.read_json(SUMMARY_FILE) or {}
+    self.summary = dict(self.previous)
+    self.summary.update(dataset=self.cfg.data.dataset, steps_per_epoch=self.spe,
+                        total_steps=self.total_steps, replicas=self.replicas,
+                        global_batch_size=t.batch_size)
+    self.multi_worker = distribute.is_multi_worker(self.strategy)
+
+  def _build_model(self):
+    """Model, optimizer and schedule; returns what a checkpoint tracks (the names
+    are those of every checkpoint written so far: old workdirs still restore)."""
+    import keras
+
+    from corinfomax_tf.method import model as ssl_model
+    from corinfomax_tf.training import distribute
+    from corinfomax_tf.training import schedules
+    cfg, t = self.cfg, self.cfg.train
+    o = cfg.optim
+    self.schedule = schedules.WarmupCosine(
+        base_lr=o.lr, total_steps=self.total_steps,
+        warmup_steps=min(o.warmup_epochs * self.spe, self.total_steps),
+        warmup_start_lr=o.warmup_start_lr, min_lr=o.min_lr)
+    self.model = model = ssl_model.build_pretraining_model(
+        cfg.model, cfg.loss, sync_bn=cfg.model.sync_bn and self.replicas > 1,
+        vector_logs=distribute.is_multi_worker(self.strategy),
+        probe_classes=self.source.num_classes if t.online_probe else 0)
+    optimizer = schedules.ReferenceSGD(self.schedule, momentum=o.momentum,
+                                       l2_weight_decay=o.weight_decay)
+    if t.mixed_precision == "float16":
+      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, jit_compile=t.jit_compile)
+    optimizer.build(model.pretraining_variables)
+    tracked = dict(encoder=model.encoder, projector=model.projector,
+                   loss_state=model.loss_layer, optimizer=optimizer, step=model.step_counter)
+    if model.probe_head is not None:
+      model.probe_optimizer.learning_rate = t.online_probe_lr
+      tracked.update(probe_head=model.probe_head, probe_optimizer=model.probe_optimizer)
+    return tracked
+
+  def fit(self):
+    """Trains from the restored step to the end (or a preemption), stopping with one
+    line on a lost worker or a matrix that is no longer positive definite."""
+    import tensorflow as tf
+    callbacks, self.preemption = self._callbacks()
+    try:
+      with self.preemption.installed():
+        history = self._fit_epochs(callbacks)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as e:
+      if not self.multi_worker:
+        raise
+      # MultiWorkerMirroredStrategy's heartbeats notice a dead peer within seconds
+      # and abort the collectives on every survivor.
+      reason = " ".join(e.message.split("}}")[-1].strip().splitlines()[:2])[:240]
+      raise errors.WorkerLost(
+          f"a worker was lost after step {self._step_now()} ({reason}); the last "
+          f"checkpoint ({self._latest_or_none()}) is kept: restart every worker with "
+          "the same command to resume") from None
+    except tf.errors.InvalidArgumentError as e:
+      # Some Cholesky kernels raise instead of returning NaN on a matrix that is
+      # not positive definite: the same failure as a non-finite loss.
+      if "holesky" not in str(e):
+        raise
+      raise errors.TrainingStopped(
+          f"R + eps*I is not positive definite after step {self._step_now()}: training "
+          f"stopped; the last good checkpoint in {self.cfg.train.workdir} is kept "
+          "(lower --lr or raise --eps)") from None
+    if self.preemption.stopped:
+      raise errors.Preempted(
+          f"stopped by signal {self.preemption.signal_name}: checkpoint saved at step "
+          f"{self.preemption.saved_step} in {self.cfg.train.workdir}; rerun the same "
+          "command to resume")
+    self.summary.update(final_terms=_final_terms(history),
+                        images_per_second=self.throughput.images_per_second())
+    if self.knn is not None and self.knn.last:
+      self.summary["knn"] = self.knn.last
+    if self.monitor is not None:
+      self.summary["monitor"] = self.monitor.last
+      self.summary["health_warnings"] = [f"step {s}: {m}"
+                                         for s, m in self.monitor.warnings[-10:]]
+
+  def _step_now(self):
+    return int(self.model.step_counter.numpy())
+
+  def _latest_or_none(self):
+    import tensorflow as tf
+    return tf.train.latest_checkpoint(self.workdir.join("checkpoints")) or "none yet"
+
+  def _fit_epochs(self, callbacks):
+    step, spe, t = self.step, self.spe, self.cfg.train
+    history = None
+    if step % spe:
+      # Stopped mid-epoch (preemption): finish that epoch first.
+      history = self.model.fit(
+          self._dataset_from(step), epochs=step // spe + 1, initial_epoch=step // spe,
+          steps_per_epoch=spe - step % spe, callbacks=callbacks, verbose=0, shuffle=False)
+      step = self._step_now()
+    if step < self.total_steps and not self.preemption.stopped:
+      history = self.model.fit(
+          self._dataset_from(step), epochs=t.epochs, initial_epoch=step // spe,
+          steps_per_epoch=spe, callbacks=callbacks, verbose=0, shuffle=False)
+    return history
+
+  def _dataset_from(self, start_step):
+    """The same stream as an uninterrupted run, from its start_step-th batch on. Each
+    worker builds its own pipeline and decodes and augments only its part of each
+    global batch (tf.data's auto-sharding would have every worker process all of it)."""
+    from corinfomax_tf.data import datasets as data_lib
+    cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
+    return self.strategy.distribute_datasets_from_function(
+        lambda input_context: data_lib.two_view_dataset(
+            self.source, global_batch_size=t.batch_size, image_size=d.image_size,
+            views=(cfg.augment.view1, cfg.augment.view2), mean=d.mean, std=d.std,
+            seed=t.seed, shuffle_buffer=d.shuffle_buffer, deterministic=t.deterministic,
+            skip_batches=start_step, input_context=input_context))
+
+  def _callbacks(self):
+    """Guards first, then loggers and monitors, the checkpoint saver last (after the
+    monitors of an epoch's last step have run)."""
+    import tensorflow as tf
+
+    from corinfomax_tf.evaluation import monitoring
+    from corinfomax_tf.training import callbacks as callbacks_lib
+    t, workdir = self.cfg.train, self.workdir
+    self.throughput = callbacks_lib.Throughput(t.batch_size)
+    preemption = callbacks_lib.PreemptionSaver(self.checkpoints)
+    cbs = [callbacks_lib.FiniteLossGuard(t.workdir)]
+    if t.loss_spike_factor:
+      cbs.append(callbacks_lib.LossSpikeGuard(t.loss_spike_factor, t.loss_spike_window,
+                                              t.workdir))
+    cbs += [self.throughput, preemption]
+    self.monitor = self.knn = None
+    if self.chief:
+      cbs.append(callbacks_lib.ScalarLogger(workdir.join("train"), t.log_every_steps,
+                                            t.batch_size, self.schedule))
+      if t.monitor_every_steps:
+        self.monitor = monitoring.TrainingMonitor(workdir.join("train"),
+                                                  t.monitor_every_steps,
+                                                  t.collapse_rank_share)
+        cbs.append(self.monitor)
+      if self.step == 0 and self.flagfile_text:
+        with tf.summary.create_file_writer(workdir.join("train")).as_default(step=0):
+          tf.summary.text("config/flags", "```\n" + self.flagfile_text + "```")
+    cbs.append(callbacks_lib.CheckpointSaver(self.checkpoints))
+    if t.knn_every_epochs and self.chief:
+      self.knn = callbacks_lib.KNNMonitor(
+          self._eval_split(self.source.train), self._eval_split(self.source.test),
+          self.source.num_classes, t.knn_every_epochs, t.knn_k, t.knn_temperature,
+          workdir.join("eval"))
+      cbs.append(self.knn)
+    verbose = (1 if sys.stdout.isatty() else 2) if t.verbose == "auto" else int(t.verbose)
+    if verbose and self.chief:
+      cbs.append(callbacks_lib.ProgressBar(t.epochs, self.spe, t.batch_size,
+                                           interactive=verbose == 1))
+    return cbs, preemption
+
+  def _eval_split(self, split):
+    from corinfomax_tf.data import datasets as data_lib
+    d = self.cfg.data
+    return data_lib.eval_dataset(split, batch_size=256, image_size=d.image_size,
+                                 mean=d.mean, std=d.std)
+
+  def evaluate(self):
+    """The quick linear probe of the trained (and of a random) encoder, on the chief."""
+    import keras
+    import tensorflow as tf
+
+    from corinfomax_tf.evaluation import probes
+    from corinfomax_tf.models import factory
+    t = self.cfg.train
+    if not (t.probe_epochs and self.chief):
+      return
+
+    def probe(encoder):
+      return probes.probe_encoder(encoder, self._eval_split(self.source.train),
+                                  self._eval_split(self.source.test),
+                                  self.source.num_classes, epochs=t.probe_epochs,
+                                  seed=t.seed)
+    self.summary["probe"] = probe(self.model.encoder)
+    self.log(f"Linear probe, pretrained encoder: top-1 {self.summary['probe']['top1']:.2f}%")
+    if t.probe_random:
+      keras.utils.set_random_seed(t.seed + 1)
+      random_encoder = factory.encoder(self.cfg.model.depth, self.cfg.model.stem,
+                                       self.cfg.model.width, name="random_encoder")
+      self.summary["random_probe"] = probe(random_encoder)
+      self.log(f"Linear probe, random encoder:     top-1 "
+               f"{self.summary['random_probe']['top1']:.2f}%")
+    writer = tf.summary.create_file_writer(self.workdir.join("eval"))
+    with writer.as_default(step=self.summary["step"]):
+      for key in ("probe", "random_probe"):
+        for metric, value in self.summary.get(key, {}).items():
+          tf.summary.scalar(f"{key}/{metric}", value)
+    writer.flush()
+
+  def summarise(self):
+    import json
+    if self.chief:
+      self.workdir.write_json(SUMMARY_FILE, self.summary)
+      self.log(json.dumps(self.summary, sort_keys=True))
+    return self.summary
