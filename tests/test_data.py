@@ -34,6 +34,7 @@ def test_two_view_batches_from_an_image_folder(tmp_path):
   assert not np.allclose(views[:, 0].numpy(), views[:, 1].numpy())
 
 
+@pytest.mark.slow
 def test_two_view_pipeline_is_reproducible_from_its_seed():
   source = data.digits_source(16)
   kwargs = dict(global_batch_size=8, image_size=16, views=VIEWS, mean=(0.3,) * 3,
@@ -113,6 +114,7 @@ def _global_and_sharded(source, global_batch, pipelines, replicas_per_pipeline, 
   return whole, assembled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["digits", "folder"])
 def test_sharded_pipelines_together_give_exactly_the_global_batches(tmp_path, kind):
   if kind == "digits":
@@ -162,6 +164,7 @@ def test_distributed_replicas_get_their_slice_of_the_global_batch():
         tf.concat(strategy.experimental_local_results(dlabels), 0).numpy(), labels.numpy())
 
 
+@pytest.mark.slow
 def test_large_tfds_sets_are_sharded_encoded_and_give_the_cached_stream(tmp_path,
                                                                          monkeypatch):
   from tests import generated_tfds

@@ -68,6 +68,7 @@ def strategies():
   return (tf.distribute.get_strategy(), tf.distribute.MirroredStrategy(CPU_DEVICES[:2]))
 
 
+@pytest.mark.slow
 def test_two_replicas_give_the_one_replica_gradients(strategies):
   one, two = strategies
   grads1, loss1 = gradients(build(one), one, batches())
@@ -79,6 +80,7 @@ def test_two_replicas_give_the_one_replica_gradients(strategies):
     np.testing.assert_allclose(g2.numpy(), g1.numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("covariance", ["per_branch", "shared"])
 def test_fit_on_two_replicas_matches_one_replica(strategies, covariance):
   one, two = strategies
@@ -99,6 +101,7 @@ def test_fit_on_two_replicas_matches_one_replica(strategies, covariance):
     np.testing.assert_allclose(copies[0], w1.numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_logged_loss_is_the_computed_loss(strategies):
   one, _ = strategies
   model = build(one)
@@ -132,6 +135,7 @@ def test_slurm_resolver_builds_the_cluster_from_slurm_variables(monkeypatch):
   assert distribute.cluster_resolver("tf_config") is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas, poisoned", [(1, 0), (2, 1)])
 def test_a_non_finite_gradient_stops_the_run_before_any_save(strategies, tmp_path,
                                                              monkeypatch, replicas,

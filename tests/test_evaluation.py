@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from corinfomax_tf import config
@@ -25,6 +26,7 @@ def test_knn_weighted_votes_on_hand_made_features():
                              rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_knn_and_probe_on_separable_clusters():
   rs = np.random.RandomState(0)
   centres = rs.randn(4, 16) * 3
@@ -49,6 +51,7 @@ def _model(probe_classes):
   return model
 
 
+@pytest.mark.slow
 def test_online_probe_leaves_pretraining_gradients_unchanged():
   rs = np.random.RandomState(0)
   views = rs.rand(16, 2, 8, 8, 3).astype(np.float32)
@@ -68,6 +71,7 @@ def test_online_probe_leaves_pretraining_gradients_unchanged():
   assert not np.allclose(head_before, probed.probe_head.kernel.numpy())
 
 
+@pytest.mark.slow
 def test_online_probe_does_not_change_encoder_updates():
   rs = np.random.RandomState(1)
   views = rs.rand(8, 2, 8, 8, 3).astype(np.float32)

@@ -96,6 +96,7 @@ def _fit_with_monitor(tmp_path, collapse):
   return monitor
 
 
+@pytest.mark.slow
 def test_collapse_warning_fires_on_forced_collapse_only(tmp_path):
   collapsed = _fit_with_monitor(tmp_path / "collapsed", collapse=True)
   assert collapsed.warnings and "total collapse" in collapsed.warnings[-1][1]

@@ -31,6 +31,10 @@ def _commands(export_dir):
   }
 
 
+def _flag(args, name):
+  return int(next(a for a in args if a.startswith(f"--{name}=")).split("=")[1])
+
+
 @pytest.mark.parametrize("name", ["linear_eval", "finetune", "detect"])
 def test_killed_command_resumes_to_the_uninterrupted_result(trained, tmp_path, name):
   _, export_dir = trained
@@ -42,7 +46,7 @@ def test_killed_command_resumes_to_the_uninterrupted_result(trained, tmp_path, n
   workdir = str(tmp_path / "killed")
   proc = helpers.start_command(module, *args, f"{workdir_flag}={workdir}")
   left = helpers.kill_after_first_checkpoint(proc, workdir)
-  epochs = int(next(a for a in args if a.startswith("--epochs=")).split("=")[1])
+  epochs = _flag(args, "epochs")
   assert left and left[-1] < epochs, left          # killed before the end
   assert not os.path.exists(os.path.join(workdir, result_file))
   result = helpers.run_command(module, *args, f"{workdir_flag}={workdir}")
@@ -56,3 +60,12 @@ def test_killed_command_resumes_to_the_uninterrupted_result(trained, tmp_path, n
     got = json.load(fh)
   for key in ("top1", "mAP", "history", "first_step_loss", "first_epoch_loss"):
     assert got.get(key) == want.get(key), key
+  every = _flag(args, "eval_every_epochs")
+  assert got["epochs"] == epochs and got["encoder_step"] == 6
+  assert [h["epoch"] for h in got["history"]] == [
+      e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
+  assert os.listdir(os.path.join(workdir, "eval"))
+  if name == "linear_eval":
+    # A finished run is not trained again (the epoch lifecycle all three share).
+    result = helpers.run_command(module, *args, f"{workdir_flag}={workdir}")
+    assert result.returncode == 0 and "Already evaluated" in result.stdout

@@ -52,27 +52,6 @@ def test_a_live_holder_stops_a_second_process_and_a_dead_one_is_taken_over(tmp_p
   assert lines == []
 
 
-@pytest.mark.slow
-def test_the_commands_refuse_a_locked_workdir_and_take_over_a_stale_lock(tmp_path):
-  path = str(tmp_path / "run")
-  holder = _hold(path)
-  try:
-    result = helpers.run_command("corinfomax_tf.train", f"--flagfile={helpers.SMOKE}",
-                                 f"--workdir={path}", "--epochs=1", "--probe_epochs=0")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"error: --workdir={path}: in use by another live process (host ")
-    assert "Traceback" not in result.stderr and not helpers.checkpoint_numbers(path)
-  finally:
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
-  result = helpers.run_command("corinfomax_tf.train", f"--flagfile={helpers.SMOKE}",
-                               f"--workdir={path}", "--epochs=1", "--probe_epochs=0")
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert f"Taking over the lock of {path}: its holder" in result.stdout
-  assert helpers.checkpoint_numbers(path) == [3]
-
-
 def _variables():
   return tf.Variable(tf.zeros([64, 64])), tf.Variable(0, dtype=tf.int64)
 
@@ -138,17 +117,31 @@ def test_no_intact_checkpoint_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_damaged_latest_checkpoint_resumes_training_from_the_previous_one(tmp_path):
-  """The command end to end: the newest checkpoint of a pretraining run is cut in
-  half (a failing disk); the rerun warns, trains that epoch again and finishes."""
+def test_the_command_refuses_a_locked_workdir_then_survives_a_stale_lock_and_a_damaged_checkpoint(
+    tmp_path):
+  """Pretraining end to end: a second process on a live workdir is refused before any
+  work; after its holder died (the lock left behind) and the newest checkpoint was
+  cut in half (a failing disk), the rerun takes the lock over, warns, trains the lost
+  epoch again from the previous checkpoint and finishes."""
   path = str(tmp_path / "run")
   args = [f"--flagfile={helpers.SMOKE}", f"--workdir={path}", "--probe_epochs=0"]
   result = helpers.run_command("corinfomax_tf.train", *args)
   assert result.returncode == 0, result.stderr[-2000:]
   assert helpers.checkpoint_numbers(path) == [3, 6]
+  holder = _hold(path)
+  try:
+    result = helpers.run_command("corinfomax_tf.train", *args, "--epochs=3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: --workdir={path}: in use by another live process (host ")
+    assert "Traceback" not in result.stderr and helpers.checkpoint_numbers(path) == [3, 6]
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
   _damage(path, 6, "truncate")
   result = helpers.run_command("corinfomax_tf.train", *args, "--epochs=3")
   assert result.returncode == 0, result.stderr[-2000:]
+  assert f"Taking over the lock of {path}: its holder" in result.stdout
   assert (f"warning: checkpoint {path}/checkpoints/ckpt-6 cannot be read (Read less bytes "
           "than requested); trying the previous one") in result.stdout
   assert f"Resumed from {path}/checkpoints/ckpt-3" in result.stdout
@@ -181,3 +174,23 @@ def test_results_are_written_whole(tmp_path):
   (tmp_path / "bad.json").write_text("{")
   with pytest.raises(errors.WorkdirError, match="bad.json: not valid JSON"):
     wd.read_json("bad.json")
+
+
+@pytest.mark.slow
+def test_a_workdir_written_before_the_lifecycle_layer_resumes_and_exports(tmp_path):
+  """tests/fixtures/workdir_275a4f4: checkpoints of the previous layout's code."""
+  import shutil
+  path = str(tmp_path / "old")
+  shutil.copytree(os.path.join(helpers.ROOT, "tests", "fixtures", "workdir_275a4f4"), path)
+  export_dir = str(tmp_path / "export")
+  result = subprocess.run([sys.executable, "export/export_encoder.py", f"--workdir={path}",
+                           f"--export_dir={export_dir}"], capture_output=True, text=True,
+                          env=helpers.ENV, cwd=helpers.ROOT, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Exported step 6" in result.stdout and "reload check passed" in result.stdout
+  result = helpers.run_command("corinfomax_tf.train", f"--flagfile={path}/flags.cfg",
+                               f"--workdir={path}", "--epochs=3")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"Resumed from {path}/checkpoints/ckpt-6" in result.stdout
+  assert "Epoch 3/3" in result.stdout and "Epoch 2/3" not in result.stdout
+  assert helpers.checkpoint_numbers(path) == [9]
