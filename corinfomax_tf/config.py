@@ -331,6 +331,12 @@ def eval_data_from_flags(f):
                     max_image_pixels=f.max_image_pixels)
 
 
+# The data settings a resume must keep: which images, at which size (not where they
+# are found, whether they may be downloaded, or how carefully files are checked).
+_DATA_RESUME_KEYS = ("data.dataset", "data.train_split", "data.test_split",
+                     "data.image_size")
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearEvalConfig:
   encoder: str
@@ -354,8 +360,8 @@ class LinearEvalConfig:
   deterministic: bool = False
 
   # Settings whose change makes a checkpoint of this workdir the wrong one.
-  RESUME_KEYS = ("encoder", "data", "batch_size", "lr", "min_lr", "schedule",
-                 "step_epochs", "momentum", "weight_decay", "augment",
+  RESUME_KEYS = ("encoder", *_DATA_RESUME_KEYS, "batch_size", "lr", "min_lr",
+                 "schedule", "step_epochs", "momentum", "weight_decay", "augment",
                  "precompute_features", "crop_min_scale", "seed")
 
 
@@ -428,9 +434,9 @@ class FinetuneConfig:
   deterministic: bool = False
 
   # The labelled subset (fraction, seed) is checked by label_subsets, naming its file.
-  RESUME_KEYS = ("encoder", "data", "init", "batch_size", "backbone_lr", "head_lr", "lr_decay_epochs",
-                 "lr_decay_factor", "momentum", "weight_decay", "crop_min_scale",
-                 "hflip_prob", "seed")
+  RESUME_KEYS = ("encoder", *_DATA_RESUME_KEYS, "init", "batch_size", "backbone_lr",
+                 "head_lr", "lr_decay_epochs", "lr_decay_factor", "momentum",
+                 "weight_decay", "crop_min_scale", "hflip_prob", "seed")
 
 
 def finetune_from_flags(f):
@@ -499,9 +505,10 @@ class DetectConfig:
   seed: int = 0
   deterministic: bool = False
 
-  RESUME_KEYS = ("encoder", "data", "init", "min_level", "max_level", "head_convs",
-                 "batch_size", "lr", "warmup_epochs", "momentum", "weight_decay",
-                 "clipnorm", "seed")
+  RESUME_KEYS = ("encoder", "data.dataset", "data.image_size", "data.num_train_images",
+                 "data.data_seed", "data.max_boxes", "init", "min_level", "max_level",
+                 "head_convs", "batch_size", "lr", "warmup_epochs", "momentum",
+                 "weight_decay", "clipnorm", "seed")
 
 
 def detect_from_flags(f):
@@ -556,14 +563,12 @@ def as_dict(config):
 
 
 def resume_settings(values, keys):
-  """The settings named by `keys` of a config dict, nested sections flattened to
-  their flag names (what a resume must not change)."""
+  """The settings named by `keys` ("name" or "section.name") of a config dict, by
+  their flag names: what a resume must not change."""
   flat = {}
-  for key, value in values.items():
-    if key not in keys:
-      continue
-    if isinstance(value, dict):
-      flat.update(value)
-    else:
-      flat[key] = value
+  for key in keys:
+    section, _, name = key.rpartition(".")
+    holder = values.get(section, {}) if section else values
+    if name in holder:
+      flat[name] = holder[name]
   return flat

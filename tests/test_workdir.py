@@ -194,3 +194,28 @@ def test_a_workdir_written_before_the_lifecycle_layer_resumes_and_exports(tmp_pa
   assert f"Resumed from {path}/checkpoints/ckpt-6" in result.stdout
   assert "Epoch 3/3" in result.stdout and "Epoch 2/3" not in result.stdout
   assert helpers.checkpoint_numbers(path) == [9]
+
+
+def test_a_downstream_resume_with_other_settings_is_refused_naming_the_flag(tmp_path):
+  import dataclasses
+
+  from corinfomax_tf import config
+  from corinfomax_tf.training import epochs
+  cfg = config.LinearEvalConfig(encoder="runs/x/export", workdir=str(tmp_path),
+                                data=config.DataConfig())
+
+  def start(c):
+    with epochs.EpochRun.open(c, command="t", result_file="r.json", flag="--output_dir",
+                              log=lambda line: None):
+      pass
+  start(cfg)
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "checkpoints" / "ckpt-1.index").write_bytes(b"")
+  # Where the data is found, whether it may be downloaded, how files are checked: free.
+  start(dataclasses.replace(cfg, epochs=200, data=dataclasses.replace(
+      cfg.data, tfds_download=True, image_check="full")))
+  with pytest.raises(errors.ConfigError, match=r"--lr=0.5: the workdir .* was trained "
+                     r"with lr=0.2; use a new --output_dir or the same value"):
+    start(dataclasses.replace(cfg, lr=0.5))
+  with pytest.raises(errors.ConfigError, match=r"--image_size=32: the workdir"):
+    start(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=32)))
