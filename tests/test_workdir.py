@@ -219,3 +219,15 @@ def test_a_downstream_resume_with_other_settings_is_refused_naming_the_flag(tmp_
     start(dataclasses.replace(cfg, lr=0.5))
   with pytest.raises(errors.ConfigError, match=r"--image_size=32: the workdir"):
     start(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=32)))
+
+
+def test_a_file_system_without_locks_is_one_line(tmp_path, monkeypatch):
+  import errno
+  import fcntl
+
+  def no_locks(fh, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  with pytest.raises(errors.WorkdirError, match=r"--workdir=.*: cannot be locked \(No locks "
+                     r"available\); use a workdir on a file system with locks"):
+    workdir_lib.Workdir(str(tmp_path / "run")).open()

@@ -97,7 +97,11 @@ class Workdir:
       fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       if e.errno not in (errno.EAGAIN, errno.EACCES):
-        raise
+        fh.close()
+        # A file system without locks (some NFS mounts answer ENOLCK).
+        raise errors.WorkdirError(
+            f"{self.flag}={self.path}: cannot be locked ({e.strerror}); use a workdir on "
+            "a file system with locks") from None
       holder = _read_holder(fh)
       fh.close()
       raise errors.WorkdirError(
