@@ -31,7 +31,7 @@ class DataConfig:
   dataset: str = "digits"
   data_dir: str = ""
   tfds_data_dir: str = ""
-  tfds_download: bool = False
+  tfds_download: bool = True
   train_split: str = "train"
   test_split: str = "test"
   image_size: int = 16
@@ -42,6 +42,25 @@ class DataConfig:
   image_check: str = "header"
   bad_images: str = "skip"
   max_image_pixels: int = 50_000_000
+  # Pretraining only: the labelled set the probe and kNN monitor evaluate on, when it
+  # is not the training set (always, for --dataset=images).
+  eval_dataset: str = ""
+  eval_data_dir: str = ""
+  eval_train_split: str = "train"
+  eval_test_split: str = "test"
+
+  @property
+  def labelled(self):
+    return self.dataset != "images"
+
+  def eval_data(self):
+    """The DataConfig of the set evaluation runs on; None when there is none."""
+    if not self.eval_dataset:
+      return self if self.labelled else None
+    return dataclasses.replace(
+        self, dataset=self.eval_dataset, data_dir=self.eval_data_dir,
+        train_split=self.eval_train_split, test_split=self.eval_test_split, cache=False,
+        eval_dataset="", eval_data_dir="")
 
   def source_kwargs(self):
     """The arguments of data.load_source this config names."""
@@ -207,16 +226,43 @@ def from_flags(f):
                 train=train)
 
 
+def _given(f, name):
+  """Whether a flag was set on the command line or in a flagfile (False for a plain
+  namespace, which cannot tell)."""
+  try:
+    return bool(f[name].present)
+  except (TypeError, KeyError):
+    return False
+
+
+def _data_dir_checks(f, dataset_flag="dataset", data_dir_flag="data_dir"):
+  dataset, data_dir = getattr(f, dataset_flag), getattr(f, data_dir_flag)
+  _check(dataset not in ("folder", "images") or data_dir, data_dir_flag, "''",
+         f"is required with --{dataset_flag}={dataset}")
+  _check(dataset in ("folder", "images") or not data_dir, data_dir_flag, data_dir,
+         f"is read only with --{dataset_flag}=folder or images (--{dataset_flag}="
+         f"{dataset}); a tensorflow-datasets set takes --tfds_data_dir")
+
+
 def _data_section(f):
   _check(f.image_size >= 8, "image_size", f.image_size, "must be >= 8")
   mean, std = _normalization(f.normalization, f.dataset)
   data = _from_flags(DataConfig, f, mean=mean, std=std)
-  _check(f.dataset != "folder" or f.data_dir, "data_dir", "''",
-         "is required with --dataset=folder")
-  _check(f.dataset == "folder" or not f.data_dir, "data_dir", f.data_dir,
-         f"is read only with --dataset=folder (--dataset={f.dataset}); a "
-         "tensorflow-datasets set takes --tfds_data_dir")
+  _data_dir_checks(f)
   _check(f.max_image_pixels >= 1, "max_image_pixels", f.max_image_pixels, "must be >= 1")
+  if f.dataset == "images":
+    # The defaults are allowed: a run's resolved flags.cfg names every flag.
+    for name in ("train_split", "test_split"):
+      _check(getattr(f, name) == getattr(DataConfig, name), name, getattr(f, name),
+             "--dataset=images has no splits (every image under --data_dir is trained "
+             "on); evaluate on a labelled set with --eval_dataset")
+    _check(f.eval_dataset != "images", "eval_dataset", "images",
+           "must be a labelled set: 'digits', 'folder' or a tensorflow-datasets name")
+  if f.eval_dataset:
+    _data_dir_checks(f, "eval_dataset", "eval_data_dir")
+  else:
+    _check(not f.eval_data_dir, "eval_data_dir", f.eval_data_dir,
+           "is read only with --eval_dataset=folder")
   return data
 
 
@@ -276,7 +322,10 @@ def _train_section(f):
       ("log_every_steps", f.log_every_steps >= 1, "must be >= 1"),
       ("probe_epochs", f.probe_epochs >= 0, "must be >= 0"),
       ("online_probe_lr", f.online_probe_lr > 0, "must be > 0"),
-      ("knn_every_epochs", f.knn_every_epochs >= 0, "must be >= 0")])
+      ("knn_every_epochs", f.knn_every_epochs >= 0, "must be >= 0"),
+      ("online_probe", not f.online_probe or f.dataset != "images",
+       "trains on the training images' labels, and --dataset=images has none "
+       "(the end-of-training probe and --knn_every_epochs use --eval_dataset)")])
   knn_k = _positive_ints(f.knn_k, "knn_k")
   _checks(f, [
       ("knn_temperature", f.knn_temperature > 0, "must be > 0"),
@@ -321,8 +370,7 @@ def _parent_of(path):
 
 def eval_data_from_flags(f):
   """The data flags every evaluation and fine-tuning command shares."""
-  _check(f.dataset != "folder" or f.data_dir, "data_dir", "''",
-         "is required with --dataset=folder")
+  _data_dir_checks(f)
   _check(f.max_image_pixels >= 1, "max_image_pixels", f.max_image_pixels, "must be >= 1")
   return DataConfig(dataset=f.dataset, data_dir=f.data_dir, tfds_data_dir=f.tfds_data_dir,
                     tfds_download=f.tfds_download, train_split=f.train_split,
@@ -542,6 +590,46 @@ def detect_from_flags(f):
       momentum=f.momentum, weight_decay=f.weight_decay, clipnorm=f.clipnorm,
       eval_every_epochs=f.eval_every_epochs, keep_checkpoints=f.keep_checkpoints,
       seed=f.seed, deterministic=f.deterministic)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+  encoder: str
+  workdir: str
+  data: DataConfig              # image_size 0: the encoder's
+  split: str = "test"
+  max_images: int = 0
+  batch_size: int = 256
+  sprite: bool = True
+  query: tuple = ()
+  k: int = 10
+
+  # What the embeddings are of: a rerun with the same settings reuses them.
+  ARRAY_KEYS = ("encoder", "data.dataset", "data.data_dir", "data.tfds_data_dir",
+                "data.image_size", "data.image_check", "data.bad_images",
+                "data.max_image_pixels", "split", "max_images", "sprite")
+
+
+def embed_from_flags(f):
+  _data_dir_checks(f)
+  images = f.dataset == "images"
+  for name in ("train_split", "test_split"):
+    _check(not _given(f, name), name, getattr(f, name),
+           "embed reads one split, named by --split")
+  _check(not (images and _given(f, "split")), "split", f.split,
+         "--dataset=images has no splits (every image under --data_dir is embedded)")
+  _checks(f, [("max_images", f.max_images >= 0, "must be >= 0 (0: all)"),
+              ("batch_size", f.batch_size >= 1, "must be >= 1"),
+              ("k", f.k >= 1, "must be >= 1"),
+              ("max_image_pixels", f.max_image_pixels >= 1, "must be >= 1")])
+  data = dataclasses.replace(eval_data_from_flags(f),
+                             image_size=f.image_size if _given(f, "image_size") else 0)
+  split = "all" if images else f.split
+  workdir = f.output_dir or os.path.join(
+      _parent_of(f.encoder), f"embed_{f.dataset.replace('/', '_')}_{split}")
+  return EmbedConfig(encoder=f.encoder, workdir=workdir, data=data, split=split,
+                     max_images=f.max_images, batch_size=f.batch_size, sprite=f.sprite,
+                     query=tuple(f.query), k=f.k)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,14 +25,19 @@ def define_data_flags():
   f = flags
   # Data.
   _track(f.DEFINE_string, "dataset", "digits",
-         "'digits' (embedded default), a tensorflow-datasets name (cifar10, cifar100, ...) "
-         "or 'folder' (an image folder under --data_dir).")
+         "'digits' (embedded default), a tensorflow-datasets name (cifar10, cifar100, ...), "
+         "'folder' (a labelled image folder under --data_dir) or 'images' (your own "
+         "unlabeled images: any tree of image files under --data_dir, or a text file of "
+         "paths).")
   _track(f.DEFINE_string, "data_dir", "",
          "With --dataset=folder: directory holding <train_split>/<class>/<image> and "
-         "<test_split>/<class>/<image>.")
+         "<test_split>/<class>/<image>. With --dataset=images: a directory (images in "
+         "any nesting of folders) or a text file with one image path per line "
+         "(relative to the file's folder).")
   _track(f.DEFINE_string, "tfds_data_dir", "", "tensorflow-datasets data_dir.")
-  _track(f.DEFINE_bool, "tfds_download", False,
-         "Download and prepare a tfds data set that is not prepared yet.")
+  _track(f.DEFINE_bool, "tfds_download", True,
+         "Download and prepare a tfds data set that is not prepared yet, after a quick "
+         "check that the network answers (--notfds_download: never download).")
   _track(f.DEFINE_string, "train_split", "train", "Split (or sub-folder) to pretrain on.")
   _track(f.DEFINE_string, "test_split", "test", "Split (or sub-folder) for the probe's test.")
   _track(f.DEFINE_integer, "image_size", 32, "Training crop size.")
@@ -148,6 +153,17 @@ def _define_monitoring_flags():
   """Logs, probes, kNN, spectra, the augmentation preview, the console."""
   f = flags
   _track(f.DEFINE_integer, "log_every_steps", 10, "TensorBoard scalar interval, in steps.")
+  _track(f.DEFINE_string, "eval_dataset", "",
+         "The labelled set the end-of-training probe and the kNN monitor use ('digits', "
+         "'folder' or a tensorflow-datasets name; empty: the training set). Without "
+         "one, --dataset=images skips them, saying so.")
+  _track(f.DEFINE_string, "eval_data_dir", "",
+         "With --eval_dataset=folder: <eval_train_split>/<class>/<image> and "
+         "<eval_test_split>/<class>/<image>.")
+  _track(f.DEFINE_string, "eval_train_split", "train",
+         "--eval_dataset's split the probe trains on.")
+  _track(f.DEFINE_string, "eval_test_split", "test",
+         "--eval_dataset's split the probe and kNN are measured on.")
   _track(f.DEFINE_integer, "probe_epochs", 100,
          "Epochs of the linear probe after pretraining; 0 skips the probe.")
   _track(f.DEFINE_bool, "probe_random", True,

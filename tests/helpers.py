@@ -96,3 +96,27 @@ def assert_same_state(workdir, reference):
   assert set(state) == set(reference)
   for key, value in reference.items():
     np.testing.assert_array_equal(state[key], value, err_msg=key)
+
+
+def write_image_tree(root, count=24, size=(20, 24), seed=0):
+  """Unlabeled images in nested folders, JPEG and PNG mixed, plus a text file that
+  is not an image: a user's photo collection in miniature."""
+  rs = np.random.RandomState(seed)
+  for i in range(count):
+    folder = os.path.join(root, f"trip_{i % 3}", "day_1" if i % 2 else "")
+    os.makedirs(folder, exist_ok=True)
+    base = np.zeros(size + (3,))
+    base[..., i % 3] = 0.8
+    pixels = (np.clip(base + 0.2 * rs.rand(*size, 3), 0, 1) * 255).astype(np.uint8)
+    ext = "jpg" if i % 2 else "png"
+    Image.fromarray(pixels).save(os.path.join(folder, f"photo_{i}.{ext}"))
+  with open(os.path.join(root, "trip_0", "notes.txt"), "w") as fh:
+    fh.write("not an image\n")
+  return root
+
+
+def free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

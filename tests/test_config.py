@@ -31,7 +31,8 @@ LINEAR_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "linear_*.cfg"))
 def test_every_flagfile_parses_and_opens_with_comments(path):
   # Image-folder configs need the user's --data_dir; validation does not read it.
   with open(path) as fh:
-    folder = "--dataset=folder" in fh.read()
+    text = fh.read()
+    folder = "--dataset=folder" in text or "--dataset=images" in text
   cfg = parse(f"--flagfile={path}", *(["--data_dir=/data/images"] if folder else []))
   with open(path) as fh:
     first = fh.readline()
@@ -130,7 +131,7 @@ def test_a_flag_set_twice_in_one_flagfile_is_a_contradiction(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--data_dir=/x"], "--data_dir=/x: is read only with --dataset=folder (--dataset=digits)"),
+    (["--data_dir=/x"], "--data_dir=/x: is read only with --dataset=folder or images (--dataset=digits)"),
     (["--num_cpu_devices=2"], "--num_cpu_devices=2: is read only with --strategy=mirrored"),
     (["--max_image_pixels=0"], "--max_image_pixels=0: must be >= 1"),
 ])

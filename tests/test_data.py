@@ -77,7 +77,7 @@ def test_tfds_not_prepared_fails_at_once_without_download(tmp_path):
 def test_tfds_download_offline_fails_at_once_with_one_line(tmp_path, monkeypatch):
   # The network check is replaced: tests must never reach out.
   monkeypatch.setattr(data, "_network_reachable", lambda *a, **k: False)
-  with pytest.raises(errors.DataError, match="network is unreachable") as info:
+  with pytest.raises(errors.DataError, match="network does not answer") as info:
     data.load_source("cifar10", image_size=32, tfds_data_dir=str(tmp_path),
                      tfds_download=True)
   assert "\n" not in str(info.value)
@@ -115,10 +115,14 @@ def _global_and_sharded(source, global_batch, pipelines, replicas_per_pipeline, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["digits", "folder"])
+@pytest.mark.parametrize("kind", ["digits", "folder", "images"])
 def test_sharded_pipelines_together_give_exactly_the_global_batches(tmp_path, kind):
   if kind == "digits":
     source = data.digits_source(12)
+  elif kind == "images":  # a user's unlabeled tree: sharded as paths, like a folder
+    source = data.load_source("images", image_size=12,
+                              data_dir=helpers.write_image_tree(str(tmp_path)))
+    assert source.streams_encoded
   else:
     source = data.load_source("folder", image_size=12,
                               data_dir=helpers.write_image_folder(str(tmp_path)))

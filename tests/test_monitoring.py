@@ -3,7 +3,6 @@ TensorBoard server reading a short run's logs."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from corinfomax_tf import config
 from corinfomax_tf.evaluation import monitoring
 from corinfomax_tf.training import schedules
 from corinfomax_tf.method import model as ssl_model
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.cfg")
@@ -105,12 +105,6 @@ def test_collapse_warning_fires_on_forced_collapse_only(tmp_path):
   assert healthy.last["ldmi"] > 0 and healthy.last["R1/effective_rank"] > 1
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _get(port, path):
   with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
     return json.loads(r.read().decode())
@@ -128,7 +122,7 @@ def test_a_real_tensorboard_server_lists_the_run(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   # Off a terminal: one line per epoch, no carriage-return bar.
   assert "\r" not in result.stdout and "Epoch 2/2: 3 steps in" in result.stdout
-  port = _free_port()
+  port = helpers.free_port()
   server = subprocess.Popen(
       [sys.executable, "-m", "tensorboard.main", f"--logdir={workdir}", f"--port={port}",
        "--host=127.0.0.1", "--load_fast=false"],

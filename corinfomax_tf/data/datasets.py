@@ -4,16 +4,20 @@ Sources yield (image, label) with uint8 images (H, W, 3):
   * "digits": scikit-learn's bundled handwritten digits, the embedded default (no
     download), upsampled once from 8x8 to the training size;
   * any tensorflow-datasets image classification set ("cifar10", "cifar100", ...),
-    read from `tfds_data_dir` (downloaded only when asked to, and only after a quick
-    check that the network is there);
+    read from `tfds_data_dir` (downloaded when not prepared there, unless forbidden,
+    and only after a quick check that the network answers);
   * "folder": a directory with one sub-folder per split, each holding one sub-folder
-    of images per class (ImageNet-100, Tiny ImageNet, a user's own data).
+    of images per class (ImageNet-100, Tiny ImageNet, a user's own labelled data);
+  * "images": a user's own unlabeled images: any tree of image files (nested folders,
+    no classes, no splits) or a text file listing them. Its labels are -1, it has no
+    test split and no classes: evaluation needs another, labelled, source.
 
 Errors a user can cause raise errors.DataError, whose message names the flag or path.
 """
 
 import dataclasses
 import os
+import re
 import socket
 
 import numpy as np
@@ -28,12 +32,19 @@ DIGITS_NUM_CLASSES = 10
 IN_MEMORY_BYTES = 2**30
 
 
+# Where a download is known to be possible: checked (a TCP connection, a few seconds
+# at most) before tensorflow-datasets starts a download that, offline, would fail only
+# after minutes of retries. host:port; a mirror or proxy user may name their own.
+NETWORK_PROBE_ENV = "CORINFOMAX_NETWORK_PROBE"
+NETWORK_PROBE = "storage.googleapis.com:443"
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A labelled image data set, split into train and test."""
+  """An image data set, split into train and test (unlabeled sets: train only)."""
   name: str
-  train: tf.data.Dataset          # (uint8 image (H, W, 3), int64 label)
-  test: tf.data.Dataset
+  train: tf.data.Dataset          # (uint8 image (H, W, 3), int64 label; -1: none)
+  test: tf.data.Dataset           # None for an unlabeled set
   num_train: int
   num_test: int
   num_classes: int
@@ -45,6 +56,12 @@ class Source:
   encoded_are_paths: bool = True  # strings are file paths (folders) or image bytes (tfds)
   # Image folders: what the check of each split kept, converted and skipped.
   scans: tuple = ()
+  class_names: tuple = ()         # label -> name, where the set has names
+  image_shape: tuple = None       # (height, width) where every image has it
+
+  @property
+  def labelled(self):
+    return self.num_classes > 0
 
   @property
   def streams_encoded(self):
@@ -79,15 +96,66 @@ def digits_source(image_size):
   (x_tr, y_tr), (x_te, y_te) = digits_arrays(image_size)
   return Source("digits", tf.data.Dataset.from_tensor_slices((x_tr, y_tr)),
                 tf.data.Dataset.from_tensor_slices((x_te, y_te)), len(x_tr),
-                len(x_te), DIGITS_NUM_CLASSES, in_memory=True)
+                len(x_te), DIGITS_NUM_CLASSES, in_memory=True,
+                image_shape=(image_size, image_size),
+                class_names=tuple(str(d) for d in range(DIGITS_NUM_CLASSES)))
 
 
-def _network_reachable(host="storage.googleapis.com", port=443, timeout=5.0):
+def _network_probe():
+  value = os.environ.get(NETWORK_PROBE_ENV) or NETWORK_PROBE
+  host, _, port = value.rpartition(":")
+  try:
+    return host, int(port)
+  except ValueError:
+    raise errors.DataError(f"{NETWORK_PROBE_ENV}={value}: expected host:port") from None
+
+
+def _network_reachable(timeout=5.0):
+  host, port = _network_probe()
   try:
     with socket.create_connection((host, port), timeout=timeout):
       return True
   except OSError:
     return False
+
+
+def _prepare_by_hand(name, where):
+  return (f"prepare it by hand: `tfds build {name} --data_dir DIR` on a machine with "
+          f"network, then copy DIR/{name} into {where}")
+
+
+def _download(builder, name, data_dir, download):
+  """Downloads and prepares a tfds set that is not prepared, or says why not."""
+  where = data_dir or "~/tensorflow_datasets (the default --tfds_data_dir)"
+  if not download:
+    raise errors.DataError(f"--dataset={name}: not prepared in {where} and "
+                           f"--notfds_download forbids a download; "
+                           + _prepare_by_hand(name, where))
+  # Sets prepared from archives the user downloads by hand (ImageNet) need no network,
+  # but need the archives.
+  manual = bool(getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None))
+  if manual:
+    root = getattr(builder, "_data_dir_root", None) or data_dir or "~/tensorflow_datasets"
+    manual_dir = os.path.join(os.path.expanduser(root), "downloads", "manual")
+    if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+      raise errors.DataError(f"--dataset={name}: not prepared in {where}, and it is "
+                             f"prepared from archives you download by hand: put them in "
+                             f"{manual_dir} (tensorflow-datasets' page for {name} lists "
+                             "them), then rerun")
+  elif not _network_reachable():
+    host, port = _network_probe()
+    raise errors.DataError(f"--dataset={name}: not prepared in {where} and the network "
+                           f"does not answer ({host}:{port}) for a download; "
+                           + _prepare_by_hand(name, where))
+  print(f"Downloading and preparing {name} into {where} (once; --notfds_download "
+        "forbids it)", flush=True)
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # tfds and its downloaders raise many types
+    message = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    raise errors.DataError(f"--dataset={name}: the download failed ({type(e).__name__}: "
+                           f"{message}); rerun to resume it, or "
+                           + _prepare_by_hand(name, where)) from None
 
 
 def tfds_source(name, data_dir, train_split, test_split, download):
@@ -98,16 +166,7 @@ def tfds_source(name, data_dir, train_split, test_split, download):
     raise errors.DataError(f"--dataset={name}: not a tensorflow-datasets data set "
                     f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
   if not builder.is_prepared():
-    where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
-    if not download:
-      raise errors.DataError(f"--dataset={name}: not prepared in --tfds_data_dir={where} and "
-                      "--tfds_download is off; prepare it there or pass --tfds_download")
-    if not _network_reachable():
-      raise errors.DataError(f"--dataset={name}: not prepared in --tfds_data_dir={where} and "
-                      "the network is unreachable for a download; run `python -m "
-                      "tensorflow_datasets.scripts.download_and_prepare "
-                      f"--datasets={name}` on a machine with network and copy it there")
-    builder.download_and_prepare()
+    _download(builder, name, data_dir, download)
   splits = builder.info.splits
   for flag, split in (("--train_split", train_split), ("--test_split", test_split)):
     if split not in splits:
@@ -128,6 +187,8 @@ def tfds_source(name, data_dir, train_split, test_split, download):
     return ds.map(lambda x, y: (x, tf.cast(y, tf.int64)))
 
   num_classes = features["label"].num_classes
+  names = tuple(getattr(features["label"], "names", None) or ())
+  shape = tuple(features["image"].shape[:2])
   small = splits[train_split].num_examples * np.prod(
       features["image"].shape[:2] if None not in features["image"].shape[:2]
       else (256, 256)) * 3 < IN_MEMORY_BYTES
@@ -135,7 +196,8 @@ def tfds_source(name, data_dir, train_split, test_split, download):
                 splits[train_split].num_examples, splits[test_split].num_examples,
                 num_classes, in_memory=bool(small),
                 train_encoded=None if small else load_encoded(train_split),
-                encoded_are_paths=False)
+                encoded_are_paths=False, class_names=names,
+                image_shape=None if None in shape else shape)
 
 
 def _ensure_rgb(image):
@@ -174,6 +236,8 @@ def folder_source(data_dir, train_split, test_split, in_memory=False,
   scans = {}
   for flag, split in (("--data_dir/--train_split", train_split),
                       ("--data_dir/--test_split", test_split)):
+    if split in scans:
+      continue
     scans[split] = image_folder.scan_image_folder(
         os.path.join(data_dir, split), flag, check=image_check,
         max_pixels=max_image_pixels, on_bad=bad_images)
@@ -191,19 +255,34 @@ def folder_source(data_dir, train_split, test_split, in_memory=False,
                 decode_skipping_errors(paths_of(train)),
                 decode_skipping_errors(paths_of(test)), len(train.paths), len(test.paths),
                 len(train.classes), in_memory=in_memory, train_encoded=paths_of(train),
-                scans=(train, test))
+                scans=(train, test), class_names=tuple(train.classes))
+
+
+def images_source(data_dir, in_memory=False, image_check="header",
+                  max_image_pixels=image_folder.DEFAULT_MAX_PIXELS, bad_images="skip"):
+  """A user's unlabeled images (a tree or a list file): train only, labels -1."""
+  scan = image_folder.scan_unlabeled_images(data_dir, "--data_dir", check=image_check,
+                                            max_pixels=max_image_pixels, on_bad=bad_images)
+  paths = tf.data.Dataset.from_tensor_slices(
+      (tf.constant(scan.paths), tf.constant(scan.labels, tf.int64)))
+  name = os.path.basename(os.path.normpath(data_dir)) or "images"
+  return Source(name, decode_skipping_errors(paths), None, len(scan.paths), 0, 0,
+                in_memory=in_memory, train_encoded=paths, scans=(scan,))
 
 
 def load_source(dataset, *, image_size, data_dir=None, tfds_data_dir=None,
-                train_split="train", test_split="test", tfds_download=False,
+                train_split="train", test_split="test", tfds_download=True,
                 cache=False, image_check="header",
                 max_image_pixels=image_folder.DEFAULT_MAX_PIXELS, bad_images="skip"):
   """Builds the Source a config names; fails fast with an errors.DataError."""
   if dataset == "digits":
     return digits_source(image_size)
+  if dataset in ("folder", "images") and not data_dir:
+    raise errors.DataError(f"--data_dir is required with --dataset={dataset}")
+  if dataset == "images":
+    return images_source(data_dir, in_memory=cache, image_check=image_check,
+                         max_image_pixels=max_image_pixels, bad_images=bad_images)
   if dataset == "folder":
-    if not data_dir:
-      raise errors.DataError("--data_dir is required with --dataset=folder")
     return folder_source(data_dir, train_split, test_split, in_memory=cache,
                          image_check=image_check, max_image_pixels=max_image_pixels,
                          bad_images=bad_images)
@@ -310,28 +389,63 @@ def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
 
 
 def eval_dataset(ds, *, batch_size, image_size, mean, std):
-  """Finite dataset of (normalised image, label) batches for feature extraction."""
-  def prep(image, label):
-    return augment.eval_view(augment.to_float(image), image_size, mean, std), label
+  """Finite dataset of (normalised image, label, ...) batches for feature extraction."""
+  def prep(image, *rest):
+    return (augment.eval_view(augment.to_float(image), image_size, mean, std), *rest)
   ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def load_eval_source(data_cfg, encoder_image_size, num_classes=0, log=print):
-  """The labelled source an evaluation or fine-tuning command names, checked against
-  the encoder (`data_cfg`: a config.DataConfig)."""
+def load_eval_source(data_cfg, encoder_image_size, num_classes=0, log=print,
+                     need_labels=True):
+  """The source an evaluation or fine-tuning command names, checked against the
+  encoder (`data_cfg`: a config.DataConfig)."""
   if data_cfg.image_size != encoder_image_size:
     raise errors.ConfigError(f"--image_size={data_cfg.image_size}: the encoder was "
                              f"trained at {encoder_image_size}; evaluate at the same size")
-  source = load_source(
-      data_cfg.dataset, image_size=data_cfg.image_size, data_dir=data_cfg.data_dir or None,
-      tfds_data_dir=data_cfg.tfds_data_dir or None, train_split=data_cfg.train_split,
-      test_split=data_cfg.test_split, tfds_download=data_cfg.tfds_download,
-      image_check=data_cfg.image_check, bad_images=data_cfg.bad_images,
-      max_image_pixels=data_cfg.max_image_pixels)
+  source = load_source(data_cfg.dataset, **data_cfg.source_kwargs())
   for scan in source.scans:
     log(scan.summary())
+  if need_labels and not source.labelled:
+    raise errors.ConfigError(f"--dataset={data_cfg.dataset}: has no labels; this command "
+                             "needs a labelled set (--dataset=folder or a "
+                             "tensorflow-datasets set)")
   if num_classes and num_classes != source.num_classes:
     raise errors.ConfigError(f"--num_classes={num_classes}: --dataset={data_cfg.dataset} "
                              f"has {source.num_classes} classes")
   return source
+
+
+def load_split(dataset, split, **source_kwargs):
+  """One split of a data set as (uint8 image, int64 label, path) elements, for
+  commands that look at a single split (embed). Paths are "" where the set has none
+  (digits, tensorflow-datasets); an unlabeled `images` set is its one split.
+
+  Returns (dataset, number of images, Source).
+  """
+  if dataset == "digits":
+    source = digits_source(source_kwargs["image_size"])
+    if split not in ("train", "test"):
+      raise errors.DataError(f"--split={split}: digits has splits ['test', 'train']")
+    ds, count = ((source.train, source.num_train) if split == "train"
+                 else (source.test, source.num_test))
+    scan = None
+  elif dataset == "images":
+    source = load_source(dataset, **source_kwargs)
+    ds, count, scan = source.train, source.num_train, source.scans[0]
+  else:
+    source_kwargs.update(train_split=split, test_split=split)
+    try:
+      source = load_source(dataset, **source_kwargs)
+    except errors.DataError as e:
+      raise errors.DataError(re.sub(r"--(train_split|test_split)(?=[=:/])", "--split",
+                                    str(e))) from None
+    ds, count = source.test, source.num_test
+    scan = source.scans[-1] if source.scans else None
+  if scan is not None:
+    ds = decode_skipping_errors(tf.data.Dataset.from_tensor_slices(
+        (tf.constant(scan.paths), tf.constant(scan.labels, tf.int64),
+         tf.constant(scan.paths))))
+  else:
+    ds = ds.map(lambda image, label: (image, label, tf.constant("")))
+  return ds, count, source

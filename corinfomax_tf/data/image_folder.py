@@ -60,7 +60,8 @@ class FolderScan:
 
   def summary(self):
     """One line for the log."""
-    parts = [f"{len(self.paths)} images in {len(self.classes)} classes kept"]
+    parts = [f"{len(self.paths)} images in {len(self.classes)} classes kept"
+             if self.classes else f"{len(self.paths)} images kept (no labels)"]
     if self.converted:
       parts.append("converted to RGB: " + ", ".join(
           f"{n} {kind}" for kind, n in sorted(self.converted.items())))
@@ -138,27 +139,17 @@ def _tf_decode_problem(path):
   return None
 
 
-def scan_image_folder(root, flag="--data_dir", check="header",
-                      max_pixels=DEFAULT_MAX_PIXELS, on_bad="skip", workers=16):
-  """Lists root/<class>/<file>, checks every file, and sorts out what is usable."""
+def _check_options(check, on_bad):
   if check not in CHECKS:
     raise errors.DataError(f"--image_check={check}: must be one of {CHECKS}")
   if on_bad not in ON_BAD:
     raise errors.DataError(f"--bad_images={on_bad}: must be one of {ON_BAD}")
-  if not os.path.isdir(root):
-    raise errors.DataError(f"{flag}: directory {root!r} does not exist")
-  classes = sorted(d for d in os.listdir(root)
-                   if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-  if not classes:
-    raise errors.DataError(f"{flag}: {root!r} has no class sub-folders")
-  candidates = []
-  for index, name in enumerate(classes):
-    folder = os.path.join(root, name)
-    for entry in sorted(os.listdir(folder)):
-      path = os.path.join(folder, entry)
-      if os.path.isfile(path):
-        candidates.append((path, index))
 
+
+def check_files(candidates, flag, check="header", max_pixels=DEFAULT_MAX_PIXELS,
+                on_bad="skip", workers=16):
+  """[(path, label)] -> (kept paths, their labels, skipped {reason: [(path, detail)]},
+  converted {kind: count}); with on_bad="error" the first bad image is a DataError."""
   # PIL releases the GIL while reading files: threads make the scan I/O-bound.
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     verdicts = list(pool.map(lambda c: check_file(c[0], check, max_pixels),
@@ -166,21 +157,118 @@ def scan_image_folder(root, flag="--data_dir", check="header",
   paths, labels = [], []
   skipped = collections.defaultdict(list)
   converted = collections.Counter()
-  for (path, index), (reason, detail) in zip(candidates, verdicts):
+  for (path, label), (reason, detail) in zip(candidates, verdicts):
     if reason is None:
       paths.append(path)
-      labels.append(index)
+      labels.append(label)
       if detail:
         converted[detail] += 1
       continue
     if on_bad == "error" and reason != "not_an_image":
       raise errors.DataError(f"{flag}: bad image {path!r}: {reason.replace('_', ' ')} "
-                        f"({detail}); remove it or pass --bad_images=skip")
+                             f"({detail}); remove it or pass --bad_images=skip")
     skipped[reason].append((path, detail))
+  return paths, labels, dict(skipped), dict(converted)
+
+
+def scan_image_folder(root, flag="--data_dir", check="header",
+                      max_pixels=DEFAULT_MAX_PIXELS, on_bad="skip", workers=16):
+  """Lists root/<class>/<file>, checks every file, and sorts out what is usable."""
+  _check_options(check, on_bad)
+  if not os.path.isdir(root):
+    raise errors.DataError(f"{flag}: directory {root!r} does not exist")
+  classes = sorted(d for d in os.listdir(root)
+                   if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+  if not classes:
+    raise errors.DataError(f"{flag}: {root!r} has no class sub-folders (for images "
+                           "without labels use --dataset=images)")
+  candidates = []
+  for index, name in enumerate(classes):
+    folder = os.path.join(root, name)
+    for entry in sorted(os.listdir(folder)):
+      path = os.path.join(folder, entry)
+      if os.path.isfile(path):
+        candidates.append((path, index))
+  paths, labels, skipped, converted = check_files(candidates, flag, check, max_pixels,
+                                                  on_bad, workers)
   counts = collections.Counter(labels)
   for index, name in enumerate(classes):
     if not counts[index]:
       folder = os.path.join(root, name)
       raise errors.DataError(f"{flag}: class folder {folder!r} holds no usable images "
                         f"({', '.join(IMAGE_EXTENSIONS)}); remove the folder or add images")
-  return FolderScan(root, paths, labels, classes, dict(skipped), dict(converted))
+  return FolderScan(root, paths, labels, classes, skipped, converted)
+
+
+# ----------------------------------------------------------------------------
+# Unlabeled images: any tree of files, or a text file listing them.
+# ----------------------------------------------------------------------------
+
+
+def list_image_tree(root):
+  """Every file under root, nested folders included (hidden ones left out; linked
+  folders followed once), in a fixed order."""
+  files, seen = [], set()
+  for folder, subfolders, names in os.walk(root, followlinks=True):
+    real = os.path.realpath(folder)
+    if real in seen:  # a link back up the tree
+      subfolders[:] = []
+      continue
+    seen.add(real)
+    subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+    files.extend(os.path.join(folder, n) for n in sorted(names) if not n.startswith("."))
+  return files
+
+
+def read_image_list(list_file, flag="--data_dir"):
+  """The paths a text file names, one per line (blank lines and '#' comments left
+  out; relative paths are relative to the file's folder). A missing file is an error
+  naming its line: a list is a promise, unlike a folder."""
+  try:
+    with open(list_file, encoding="utf-8") as fh:
+      lines = fh.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise errors.DataError(f"{flag}: cannot read the image list {list_file!r} "
+                           f"({getattr(e, 'strerror', None) or e})") from None
+  base = os.path.dirname(os.path.abspath(list_file))
+  paths, missing = [], []
+  for number, line in enumerate(lines, 1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    path = line if os.path.isabs(line) else os.path.join(base, line)
+    if not os.path.isfile(path):
+      missing.append((number, line))
+    paths.append(path)
+  if missing:
+    number, line = missing[0]
+    more = f" ({len(missing)} missing in all)" if len(missing) > 1 else ""
+    raise errors.DataError(f"{flag}: line {number} of {list_file!r} names {line!r}, "
+                           f"which is not a file{more}")
+  return paths
+
+
+def scan_unlabeled_images(data_dir, flag="--data_dir", check="header",
+                          max_pixels=DEFAULT_MAX_PIXELS, on_bad="skip", workers=16):
+  """The images of a tree (any nesting) or of a list file, checked like a folder's;
+  labels are -1. An empty tree, or one without a usable image, is a DataError."""
+  _check_options(check, on_bad)
+  if os.path.isdir(data_dir):
+    files = list_image_tree(data_dir)
+    if not files:
+      raise errors.DataError(f"{flag}: {data_dir!r} holds no files")
+  elif os.path.isfile(data_dir):
+    files = read_image_list(data_dir, flag)
+    if not files:
+      raise errors.DataError(f"{flag}: the image list {data_dir!r} names no file")
+  else:
+    raise errors.DataError(f"{flag}: {data_dir!r} is neither a directory nor a "
+                           "list file")
+  paths, labels, skipped, converted = check_files(
+      [(f, -1) for f in files], flag, check, max_pixels, on_bad, workers)
+  scan = FolderScan(data_dir, paths, labels, [], skipped, converted)
+  if not paths:
+    raise errors.DataError(f"{flag}: no usable image in {data_dir!r} ("
+                           f"{scan.summary().split(': ', 1)[1]}; read: "
+                           f"{', '.join(IMAGE_EXTENSIONS)})")
+  return scan

@@ -9,6 +9,7 @@ two-view stream that resumes exactly, the callbacks, and the end-of-training pro
 """
 
 import os
+import re
 import sys
 
 from corinfomax_tf import errors
@@ -31,15 +32,52 @@ def steps_per_epoch(cfg, num_train):
   return steps
 
 
-def report_data_scan(source, workdir, log):
-  """Logs what the image-folder check kept, converted and skipped; writes the list."""
-  for scan in source.scans:
-    line = scan.summary()
-    (log.warning if scan.num_skipped else log.info)(line)
-    if scan.num_skipped:
-      print(line, flush=True)
-  if workdir is not None:
-    workdir.write_json("data_report.json", source.scan_report())
+def report_data_scan(sources, workdir, log):
+  """Logs what the image-folder checks kept, converted and skipped; writes the list."""
+  report = {}
+  for source in sources:
+    for scan in source.scans:
+      line = scan.summary()
+      (log.warning if scan.num_skipped else log.info)(line)
+      if scan.num_skipped:
+        print(line, flush=True)
+    report.update(source.scan_report())
+  if workdir is not None and report:
+    workdir.write_json("data_report.json", report)
+
+
+def load_eval_source(cfg, train_source, log):
+  """(the labelled source the probe and kNN monitor use, or None; why there is none).
+
+  The training set itself unless --eval_dataset names another; an unlabeled training
+  set without one has none, and the job says so once instead of failing at the end.
+  """
+  from corinfomax_tf.data import datasets as data_lib
+  d, t = cfg.data, cfg.train
+  if not (t.probe_epochs or t.knn_every_epochs):
+    return None, None
+  eval_cfg = d.eval_data()
+  if eval_cfg is None:
+    reason = (f"--dataset={d.dataset} has no labels and no --eval_dataset names a "
+              "labelled set")
+    log(f"Linear probe and kNN monitor skipped: {reason}")
+    return None, reason
+  if eval_cfg is d:
+    return train_source, None
+  try:
+    source = data_lib.load_source(eval_cfg.dataset, **eval_cfg.source_kwargs())
+  except errors.DataError as e:
+    # The loader names the training flags; here they are the --eval_ ones.
+    raise errors.DataError(re.sub(r"--(dataset|data_dir|train_split|test_split)(?=[=:/])",
+                                  r"--eval_\1", str(e))) from None
+  shape = source.image_shape
+  if shape is not None and max(shape) != d.image_size:
+    raise errors.ConfigError(
+        f"--eval_dataset={eval_cfg.dataset}: its images are {shape[0]}x{shape[1]} and "
+        f"the encoder's {d.image_size}x{d.image_size} (--image_size); the probe would "
+        "judge it on resized images: evaluate on a set of the encoder's size (a "
+        "labelled --eval_dataset=folder resizes any images like ImageNet)")
+  return source, None
 
 
 def write_preview(cfg, source, workdir):
@@ -115,8 +153,12 @@ class PretrainingJob:
         self.workdir.check_compatible(saved.get(section, {}), now[section],
                                       ignore=RESUME_IGNORED)
     self.source = data_lib.load_source(d.dataset, **d.source_kwargs())
-    if self.source.scans:
-      report_data_scan(self.source, self.workdir if self.chief else None, absl_logging)
+    self.eval_source, self.no_eval_reason = None, None
+    if self.chief:
+      self.eval_source, self.no_eval_reason = load_eval_source(cfg, self.source, self.log)
+    sources = [s for s in (self.source, self.eval_source) if s is not None]
+    if any(s.scans for s in sources):
+      report_data_scan(sources, self.workdir if self.chief else None, absl_logging)
     self.spe = steps_per_epoch(cfg, self.source.num_train)
     self.total_steps = self.spe * t.epochs
     if self.chief:
@@ -308,11 +350,11 @@ class PretrainingJob:
         with tf.summary.create_file_writer(workdir.join("train")).as_default(step=0):
           tf.summary.text("config/flags", "```\n" + self.flagfile_text + "```")
     cbs.append(callbacks_lib.CheckpointSaver(self.checkpoints))
-    if t.knn_every_epochs and self.chief:
+    if t.knn_every_epochs and self.chief and self.eval_source is not None:
+      e = self.eval_source
       self.knn = callbacks_lib.KNNMonitor(
-          self._eval_split(self.source.train), self._eval_split(self.source.test),
-          self.source.num_classes, t.knn_every_epochs, t.knn_k, t.knn_temperature,
-          workdir.join("eval"))
+          self._eval_split(e.train), self._eval_split(e.test), e.num_classes,
+          t.knn_every_epochs, t.knn_k, t.knn_temperature, workdir.join("eval"))
       cbs.append(self.knn)
     verbose = (1 if sys.stdout.isatty() else 2) if t.verbose == "auto" else int(t.verbose)
     if verbose and self.chief:
@@ -333,15 +375,17 @@ class PretrainingJob:
 
     from corinfomax_tf.evaluation import probes
     from corinfomax_tf.models import factory
-    t = self.cfg.train
-    if not (t.probe_epochs and self.chief):
+    t, e = self.cfg.train, self.eval_source
+    if self.no_eval_reason:
+      self.summary["probe_skipped"] = self.no_eval_reason
+    if not (t.probe_epochs and self.chief and e is not None):
       return
 
     def probe(encoder):
-      return probes.probe_encoder(encoder, self._eval_split(self.source.train),
-                                  self._eval_split(self.source.test),
-                                  self.source.num_classes, epochs=t.probe_epochs,
-                                  seed=t.seed)
+      return probes.probe_encoder(encoder, self._eval_split(e.train),
+                                  self._eval_split(e.test), e.num_classes,
+                                  epochs=t.probe_epochs, seed=t.seed)
+    self.summary["probe_dataset"] = self.cfg.data.eval_dataset or self.cfg.data.dataset
     self.summary["probe"] = probe(self.model.encoder)
     self.log(f"Linear probe, pretrained encoder: top-1 {self.summary['probe']['top1']:.2f}%")
     if t.probe_random:
