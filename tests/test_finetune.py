@@ -148,5 +148,8 @@ def test_command_writes_everything_resumes_and_names_bad_input(trained, tmp_path
       (["--label_fraction=0.001", f"--workdir={tmp_path}/other"],
        "--label_fraction=0.001: leaves class 0 with no example"),
       (["--subset_seed=5"], "--subset_seed: the workdir"),
+      (["--dataset=images", f"--data_dir={helpers.write_image_tree(str(tmp_path / 'p'), 4)}",
+        f"--workdir={tmp_path}/own"], "--dataset=images: has no labels; this command "
+       "needs a labelled set"),
   ]
   helpers.assert_one_line_errors("corinfomax_tf.finetune", common, cases, ENV, ROOT)
