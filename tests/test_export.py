@@ -66,11 +66,71 @@ print(json.dumps(out))
   assert out["metadata_step"] == step == 6
   for batch in (1, 7):
     images = np.load(tmp_path / f"images{batch}.npy")
-    live = encoder((images.astype(np.float32) / 255.0 - mean) / std, training=False).numpy()
+    live = np.mean(encoder((images.astype(np.float32) / 255.0 - mean) / std,
+                           training=False), axis=(1, 2))
     np.testing.assert_allclose(np.array(out[f"serving{batch}"]), live, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.array(out[f"float{batch}"]), live, rtol=1e-5, atol=1e-6)
     assert out[f"maps{batch}"]["P5"] == [batch, 1, 1, 32]
     assert out[f"maps{batch}"]["P2"] == [batch, 8, 8, 4]
+
+
+PRESET_SCRIPT = """
+import json, os, sys
+import numpy as np
+import keras, keras_hub
+import corinfomax_tf.models.backbone  # registers the class
+preset = sys.argv[1]
+backbone = keras_hub.models.Backbone.from_preset(preset)
+meta = json.load(open(os.path.join(preset, "metadata.json")))["corinfomax_tf"]
+mean = np.array(meta["normalization"]["mean"], "float32")
+std = np.array(meta["normalization"]["std"], "float32")
+images = np.load(sys.argv[2])
+maps = backbone((images - mean) / std, training=False)
+pooled = keras.ops.convert_to_numpy(keras.ops.mean(maps, axis=(1, 2)))
+keras.utils.set_random_seed(0)
+classifier = keras_hub.models.ImageClassifier(backbone=backbone, num_classes=3)
+classifier.compile(optimizer=keras.optimizers.SGD(0.1),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+x = (np.random.RandomState(0).rand(12, 8, 8, 3).astype("float32") - mean) / std
+history = classifier.fit(x, np.arange(12) % 3, epochs=3, batch_size=6, verbose=0)
+print(json.dumps(dict(backend=keras.config.backend(), pooled=pooled.tolist(),
+                      losses=history.history["loss"], step=meta["step"])))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_the_preset_loads_in_keras_hub_on_every_backend(trained, tmp_path, backend):
+  # A fresh process on each backend: keras_hub.models.Backbone.from_preset, the
+  # pooled features equal to the SavedModel's, an ImageClassifier that trains.
+  _, export_dir = trained
+  images = np.random.RandomState(3).rand(5, 8, 8, 3).astype(np.float32)
+  np.save(tmp_path / "images.npy", images)
+  result = subprocess.run(
+      [sys.executable, "-c", PRESET_SCRIPT, os.path.join(export_dir, "preset"),
+       str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=300,
+      env=dict(ENV, KERAS_BACKEND=backend), cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["backend"] == backend and out["step"] == 6
+  loaded = tf.saved_model.load(export_dir)
+  want = loaded.call_inference(tf.constant(images)).numpy()
+  np.testing.assert_allclose(np.array(out["pooled"]), want, rtol=1e-4, atol=1e-4)
+  assert out["losses"][-1] < out["losses"][0], out["losses"]
+
+
+def test_keras_hub_retinanet_takes_the_preset_directly(trained):
+  import keras_hub
+  _, export_dir = trained
+  backbone, metadata = export_lib.load_preset(export_dir)
+  assert metadata["architecture"]["stem"] == "cifar"
+  # CIFAR stem: levels 0..3 (strides 1..8), as keras-hub names them.
+  assert sorted(backbone.pyramid_outputs) == ["P0", "P1", "P2", "P3"]
+  retinanet = keras_hub.models.RetinaNetBackbone(
+      image_encoder=backbone, min_level=2, max_level=4, use_p5=False,
+      image_shape=(32, 32, 3))
+  outputs = retinanet(np.zeros((1, 32, 32, 3), np.float32))
+  assert {k: tuple(v.shape[1:3]) for k, v in outputs.items()} == {
+      "P2": (8, 8), "P3": (4, 4), "P4": (2, 2)}
 
 
 def test_fine_tuning_through_the_loaded_savedmodel(trained):

@@ -79,7 +79,8 @@ def _mean_loss(encoder, head, metadata, source, indices):
   ds = probes.eval_images(ds.map(lambda i, ex: ex), metadata["image_size"])
   losses = []
   for images, labels in ds:
-    logits = head(encoder((images - mean) / std, training=False))
+    feature_map = encoder((images - mean) / std, training=False)
+    logits = head(tf.reduce_mean(feature_map, axis=(1, 2)))
     losses.append(tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=tf.cast(labels, tf.int32), logits=logits).numpy())
   return float(np.concatenate(losses).mean())

@@ -1,11 +1,14 @@
-"""Encoders and projector: shapes, zero-init residual gamma, config round trips."""
+"""Encoders (keras-hub backbones) and projector: shapes, pyramid levels, zero-init
+residual gamma, config round trips, keras-hub tasks on the backbone."""
 
 import keras
 import numpy as np
 import pytest
 
+from corinfomax_tf.models import backbone as backbone_lib
 from corinfomax_tf.models import projector as projector_lib
-from corinfomax_tf.models import resnet
+
+Backbone = backbone_lib.CorInfoMaxBackbone
 
 
 @pytest.mark.parametrize("depth, stem, size, dim, p5", [
@@ -15,23 +18,30 @@ from corinfomax_tf.models import resnet
 ])
 def test_encoder_shapes(depth, stem, size, dim, p5):
   width = 8
-  enc = resnet.ResNetEncoder(depth=depth, stem=stem, width=width)
+  enc = Backbone(depth=depth, stem=stem, width=width)
   x = np.random.rand(2, size, size, 3).astype("float32")
-  feats = enc(x)
+  feature_map = enc(x)
   expected_dim = (4 if depth == 50 else 1) * width * 8
+  assert feature_map.shape == (2, p5, p5, expected_dim)
+  feats = backbone_lib.pooled_model(enc)(x)
   assert feats.shape == (2, expected_dim) == (2, enc.feature_dim)
-  maps = enc.feature_map_model()(x)
+  np.testing.assert_allclose(feats, np.mean(feature_map, axis=(1, 2)), rtol=1e-6, atol=1e-7)
+  maps = backbone_lib.stage_model(enc)(x)
   assert sorted(maps) == ["P2", "P3", "P4", "P5"]
   assert maps["P5"].shape[1:3] == (p5, p5)
   stride_p2 = 1 if stem == "cifar" else 4
   assert maps["P2"].shape[1] == size // stride_p2
+  # keras-hub's convention: level n is 2**n times smaller than the image.
+  levels = keras.Model(enc.input, enc.pyramid_outputs)(x)
+  for name, tensor in levels.items():
+    assert tensor.shape[1] == size // 2**int(name[1:]), name
 
 
 def test_standard_widths_and_parameter_count():
   # torchvision: resnet18 11.18M (11.69M with the 1000-way fc), resnet50 23.51M
   # without fc. The CIFAR stem replaces the 7x7 conv (9408 weights) by a 3x3 (1728).
-  r18 = resnet.ResNetEncoder(depth=18, stem="imagenet", width=64)
-  r50 = resnet.ResNetEncoder(depth=50, stem="imagenet", width=64)
+  r18 = Backbone(depth=18, stem="imagenet", width=64)
+  r50 = Backbone(depth=50, stem="imagenet", width=64)
   assert r18.feature_dim == 512 and r50.feature_dim == 2048
   assert r18.count_params() - _bn_stats(r18) == 11_176_512
   assert r50.count_params() - _bn_stats(r50) == 23_508_032
@@ -42,7 +52,7 @@ def _bn_stats(model):
 
 
 def test_last_batchnorm_of_each_block_starts_at_zero():
-  enc = resnet.ResNetEncoder(depth=18, width=4)
+  enc = Backbone(depth=18, width=4)
   last = [l for l in enc.layers if l.name.endswith("_bn2")]
   assert len(last) == 8
   for layer in last:
@@ -52,14 +62,31 @@ def test_last_batchnorm_of_each_block_starts_at_zero():
 
 
 def test_encoder_config_round_trip_and_errors():
-  enc = resnet.ResNetEncoder(depth=50, stem="imagenet", width=4, image_size=32)
-  clone = resnet.ResNetEncoder.from_config(enc.get_config())
+  enc = Backbone(depth=50, stem="imagenet", width=4, image_size=32)
+  clone = Backbone.from_config(enc.get_config())
   assert clone.get_config() == enc.get_config()
   assert len(clone.weights) == len(enc.weights)
   with pytest.raises(ValueError, match="Received: depth=20"):
-    resnet.ResNetEncoder(depth=20)
+    Backbone(depth=20)
   with pytest.raises(ValueError, match="Received: stem='tiny'"):
-    resnet.ResNetEncoder(stem="tiny")
+    Backbone(stem="tiny")
+
+
+def test_the_pooled_model_is_the_earlier_encoder_in_a_checkpoint(tmp_path):
+  # Checkpoints written before the encoder became a backbone hold the pooled
+  # encoder's layers: the backbone (pretraining, export) and the pooled model
+  # (fine-tuning) both read them, every variable consumed.
+  import tensorflow as tf
+  enc = Backbone(depth=18, width=4, name="encoder")
+  for w in enc.weights:
+    w.assign(np.random.RandomState(len(w.path)).rand(*w.shape).astype(w.dtype))
+  path = tf.train.Checkpoint(encoder=backbone_lib.pooled_model(enc)).write(
+      str(tmp_path / "ckpt"))
+  for make in (lambda b: b, backbone_lib.pooled_model):
+    fresh = Backbone(depth=18, width=4, name="encoder")
+    tf.train.Checkpoint(encoder=make(fresh)).read(path).assert_consumed()
+    for a, b in zip(enc.weights, fresh.weights):
+      np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_projector_layers_normalisation_and_bias():

@@ -80,7 +80,7 @@ def forward_flops_per_image(model, image_size):
 
   @tf.autograph.experimental.do_not_convert
   def forward(x):
-    return model.projector(model.encoder(x, training=False), training=False)
+    return model.projector(model.features(x, training=False), training=False)
   graph = tf.function(forward).get_concrete_function(
       tf.TensorSpec([1, image_size, image_size, 3], tf.float32)).graph
   options = option_builder.ProfileOptionBuilder.float_operation()

@@ -142,17 +142,19 @@ def _train_epoch(train_step, batches, epoch, workdir):
   return losses, correct, seen
 
 
-def run_finetune(encoder, metadata, source, cfg, log=print):
-  """Fine-tunes (or resumes) `encoder` (normalised-input Keras encoder) + a linear
-  head as `cfg` (a config.FinetuneConfig) says; returns the result dict, also
-  written to <workdir>/finetune.json."""
+def run_finetune(backbone, metadata, source, cfg, log=print):
+  """Fine-tunes (or resumes) `backbone` (a CorInfoMaxBackbone: normalised images in),
+  pooled, + a linear head as `cfg` (a config.FinetuneConfig) says; returns the result
+  dict, also written to <workdir>/finetune.json."""
   import numpy as np
   import tensorflow as tf
 
   from corinfomax_tf.data import label_subsets
   from corinfomax_tf.evaluation import probes
   from corinfomax_tf.export import saved_model
+  from corinfomax_tf.models import backbone as backbone_lib
   from corinfomax_tf.training import epochs as epochs_lib
+  encoder = backbone_lib.pooled_model(backbone)
   if cfg.deterministic:
     tf.config.experimental.enable_op_determinism()
   with epochs_lib.EpochRun.open(cfg, command="corinfomax_tf.finetune",

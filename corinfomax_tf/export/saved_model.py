@@ -18,6 +18,12 @@ What produced the export (architecture, input size, normalisation, step, the who
 training config) is in `assets.extra/corinfomax_tf.json`, and is returned by the
 `metadata()` function of the loaded object.
 
+Beside the SavedModel, `<export_dir>/preset` is a keras-hub preset of the same weights
+(`models.backbone.CorInfoMaxBackbone`: the last feature map, normalised images in):
+`keras_hub.models.Backbone.from_preset(<export_dir>/preset)` loads it on any Keras
+backend after `import corinfomax_tf.models.backbone`; its `metadata.json` holds the
+same metadata under "corinfomax_tf".
+
 Exports are written into step-numbered directories next to the requested path
 (`<export_dir>.steps/<step>/`), each first written under a temporary name and then
 renamed; `<export_dir>` itself is a symbolic link switched atomically to the newest
@@ -34,6 +40,7 @@ from corinfomax_tf import errors
 
 METADATA_FILE = os.path.join("assets.extra", "corinfomax_tf.json")
 FORMAT = "corinfomax_tf.encoder.v1"
+PRESET_DIR = "preset"
 
 
 # ----------------------------------------------------------------------------
@@ -87,10 +94,14 @@ def metadata_for(encoder, config, step, checkpoint_path=""):
 # ----------------------------------------------------------------------------
 
 
-def build_archive(encoder, metadata):
+def build_archive(backbone, metadata):
+  """The SavedModel's endpoints: pooled features (the backbone ends with a feature
+  map), the stage outputs, the metadata, and the variables."""
+  from corinfomax_tf.models import backbone as backbone_lib
   mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
   std = tf.constant(metadata["normalization"]["std"], tf.float32)
-  pyramid = encoder.feature_map_model()
+  encoder = backbone_lib.pooled_model(backbone)
+  pyramid = backbone_lib.stage_model(backbone)
   metadata_json = json.dumps(metadata, sort_keys=True)
 
   def normalize(images01):
@@ -134,7 +145,7 @@ def is_our_export(path):
   return os.path.isfile(os.path.join(path, METADATA_FILE))
 
 
-def write_export(encoder, metadata, export_dir, overwrite=False):
+def write_export(backbone, metadata, export_dir, overwrite=False):
   """Writes <export_dir>.steps/<step>/ atomically and points <export_dir> at it.
 
   Returns the step directory. Refuses (errors.ExportError) an export_dir that exists and
@@ -155,10 +166,11 @@ def write_export(encoder, metadata, export_dir, overwrite=False):
                       f"exported at {final} (pass --overwrite to replace it)")
   tmp = os.path.join(root, f".tmp-{metadata['step']}-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
-  build_archive(encoder, metadata).write_out(tmp, verbose=False)
+  build_archive(backbone, metadata).write_out(tmp, verbose=False)
   os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
   with open(os.path.join(tmp, METADATA_FILE), "w") as fh:
     json.dump(metadata, fh, indent=2, sort_keys=True)
+  write_preset(backbone, metadata, os.path.join(tmp, PRESET_DIR))
   if os.path.exists(final):
     old = f"{final}.old-{os.getpid()}"
     os.rename(final, old)
@@ -168,6 +180,32 @@ def write_export(encoder, metadata, export_dir, overwrite=False):
     os.rename(tmp, final)
   _point_link(export_dir, os.path.relpath(final, os.path.dirname(export_dir) or "."))
   return final
+
+
+def write_preset(backbone, metadata, preset_dir):
+  """The backbone as a keras-hub preset, with the export's metadata (how it was
+  trained, how to normalise) in its metadata.json."""
+  backbone.save_to_preset(preset_dir)
+  path = os.path.join(preset_dir, "metadata.json")
+  with open(path) as fh:
+    preset_metadata = json.load(fh)
+  preset_metadata["corinfomax_tf"] = metadata
+  with open(path, "w") as fh:
+    json.dump(preset_metadata, fh, indent=2, sort_keys=True)
+
+
+def load_preset(path):
+  """(CorInfoMaxBackbone, export metadata) of an export's preset (or a preset dir)."""
+  import keras_hub
+
+  from corinfomax_tf.models import backbone  # noqa: F401  (registers the class)
+  preset = os.path.join(path, PRESET_DIR) if is_our_export(path) else path
+  if not os.path.isfile(os.path.join(preset, "config.json")):
+    raise errors.ExportError(f"--encoder={path}: holds no keras-hub preset (exported "
+                             "before presets were written: export it again)")
+  with open(os.path.join(preset, "metadata.json")) as fh:
+    metadata = json.load(fh)["corinfomax_tf"]
+  return keras_hub.models.Backbone.from_preset(preset), metadata
 
 
 def _point_link(link, target):
@@ -236,8 +274,10 @@ def load_encoder(path):
     return FrozenEncoder(loaded.call_inference, metadata, loaded.trainable_variables,
                          owner=loaded)
   if os.path.isfile(os.path.join(path, "config.json")):
-    encoder, config, step, _ = restore_encoder(path)
-    metadata = metadata_for(encoder, config, step)
+    from corinfomax_tf.models import backbone as backbone_lib
+    backbone, config, step, _ = restore_encoder(path)
+    metadata = metadata_for(backbone, config, step)
+    encoder = backbone_lib.pooled_model(backbone)
     mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
     std = tf.constant(metadata["normalization"]["std"], tf.float32)
 
@@ -249,47 +289,34 @@ def load_encoder(path):
                     "workdir")
 
 
-def load_trainable_encoder(path, name="encoder"):
-  """(Keras ResNetEncoder, metadata): the weights of an export (or training workdir)
-  in a live, trainable encoder, for fine-tuning.
+def load_trainable_encoder(path):
+  """(CorInfoMaxBackbone, metadata): a live, trainable encoder for fine-tuning, from
+  an export's keras-hub preset or a training workdir's checkpoint.
 
-  The architecture is rebuilt from the export's metadata and every variable is
-  copied from the SavedModel (the `variables` collection keeps the encoder's own
-  order); the rebuilt encoder is then checked against the export's own
-  `call_inference` on a random batch, so a mismatch can never go unnoticed. The
-  returned encoder takes normalised images (metadata["normalization"]).
+  The preset is checked against the SavedModel beside it (pooled features on a random
+  batch), so an export whose two halves disagree can never go unnoticed. The backbone
+  takes normalised images (metadata["normalization"]) and returns its last feature map.
   """
   import numpy as np
-
-  from corinfomax_tf.models import factory
   if not os.path.exists(path):
     raise errors.ExportError(f"--encoder={path}: does not exist")
   if os.path.isfile(os.path.join(path, "config.json")) and not is_our_export(path):
-    encoder, config, step, _ = restore_encoder(path)
-    return encoder, metadata_for(encoder, config, step)
-  metadata = read_metadata(path)
-  arch = metadata["architecture"]
-  loaded = tf.saved_model.load(path)
-  encoder = factory.encoder_from_architecture(arch, name=name)
-  saved = list(getattr(loaded, "variables", []))
-  if len(saved) != len(encoder.variables) or any(
-      tuple(a.shape) != tuple(b.shape) for a, b in zip(saved, encoder.variables)):
-    raise errors.ExportError(f"--encoder={path}: its {len(saved)} variables do not match a "
-                      f"ResNet-{arch['depth']} ({arch['stem']} stem, width "
-                      f"{arch['width']}) with {len(encoder.variables)}")
-  for target, value in zip(encoder.variables, saved):
-    target.assign(value)
+    backbone, config, step, _ = restore_encoder(path)
+    return backbone, metadata_for(backbone, config, step)
+  read_metadata(path)  # one line if it is not an export of ours
+  backbone, metadata = load_preset(path)
   size = metadata["image_size"]
   images = tf.random.stateless_uniform([2, size, size, 3], seed=[0, 1])
   mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
   std = tf.constant(metadata["normalization"]["std"], tf.float32)
+  loaded = tf.saved_model.load(path)  # held: its function needs its variables
   want = loaded.call_inference(images).numpy()
-  got = encoder((images - mean) / std, training=False).numpy()
+  got = np.mean(backbone((images - mean) / std, training=False), axis=(1, 2))
   if not np.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max())):
-    raise errors.ExportError(f"--encoder={path}: the rebuilt encoder does not reproduce the "
-                      "export's features (max difference "
-                      f"{np.abs(got - want).max():.3g}); re-export it")
-  return encoder, metadata
+    raise errors.ExportError(f"--encoder={path}: its preset does not reproduce the "
+                             "SavedModel's features (max difference "
+                             f"{np.abs(got - want).max():.3g}); re-export it")
+  return backbone, metadata
 
 
 def export_workdir(workdir, export_dir, checkpoint="", overwrite=False):
@@ -297,9 +324,11 @@ def export_workdir(workdir, export_dir, checkpoint="", overwrite=False):
   then proves the export reloads and computes what the live encoder computes.
   Returns (export path, step)."""
   import numpy as np
-  encoder, config, step, checkpoint = restore_encoder(workdir, checkpoint or None)
-  metadata = metadata_for(encoder, config, step, checkpoint)
-  path = write_export(encoder, metadata, export_dir, overwrite=overwrite)
+  from corinfomax_tf.models import backbone as backbone_lib
+  backbone, config, step, checkpoint = restore_encoder(workdir, checkpoint or None)
+  metadata = metadata_for(backbone, config, step, checkpoint)
+  path = write_export(backbone, metadata, export_dir, overwrite=overwrite)
+  encoder = backbone_lib.pooled_model(backbone)
   size = metadata["image_size"]
   images = np.random.RandomState(0).randint(0, 256, (3, size, size, 3)).astype(np.uint8)
   loaded = tf.saved_model.load(path)
@@ -308,4 +337,8 @@ def export_workdir(workdir, export_dir, checkpoint="", overwrite=False):
   std = np.array(metadata["normalization"]["std"], np.float32)
   want = encoder((images.astype(np.float32) / 255.0 - mean) / std, training=False)
   np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+  preset, _ = load_preset(path)
+  pooled = np.mean(preset((images.astype(np.float32) / 255.0 - mean) / std,
+                          training=False), axis=(1, 2))
+  np.testing.assert_allclose(pooled, got.numpy(), rtol=1e-4, atol=1e-5)
   return path, step

@@ -31,6 +31,8 @@ class CorInfoMaxModel(keras.Model):
                probe_classes=0, probe_learning_rate=0.1, **kwargs):
     super().__init__(**kwargs)
     self.encoder = encoder
+    # The encoder ends with its last feature map (a keras-hub backbone): pooled here.
+    self.pool = keras.layers.GlobalAveragePooling2D(name="avg_pool")
     self.projector = projector
     self.loss_layer = loss_layer
     # Online linear probe (optional): a linear head on stop-gradient pooled features
@@ -77,13 +79,17 @@ class CorInfoMaxModel(keras.Model):
     if self.optimizer is not None and not self.optimizer.built:
       super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
+  def features(self, images, training=False):
+    """Pooled features of the encoder."""
+    return self.pool(self.encoder(images, training=training))
+
   def call(self, images, training=False):
-    return self.encoder(images, training=training)
+    return self.features(images, training=training)
 
   def compute_loss_terms(self, x1, x2, training=True, return_features=False):
     """Forward pass of both views and the loss on the global batch."""
-    h1 = self.encoder(x1, training=training)
-    h2 = self.encoder(x2, training=training)
+    h1 = self.features(x1, training=training)
+    h2 = self.features(x2, training=training)
     z1 = distribute.gather(self.projector(h1, training=training))
     z2 = distribute.gather(self.projector(h2, training=training))
     terms = self.loss_layer(z1, z2, training=training)

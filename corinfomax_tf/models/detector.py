@@ -1,11 +1,10 @@
 """A keras-hub RetinaNet on our encoder's feature maps.
 
 keras-hub names pyramid levels by stride: level l is 2**l times smaller than the
-image, and its anchors are sized for that. Our encoder's stage outputs are P2..P5 by
-stage; with the ImageNet stem their strides are 4..32 (levels 2..5, as keras-hub
-expects), with the CIFAR stem 1..8 (levels 0..3), so they are renamed by their true
-stride before they reach the feature pyramid. Defaults: levels 3-7 with the ImageNet
-stem (COCO's RetinaNet), 2-4 with the CIFAR stem (small images and objects).
+image, and its anchors are sized for that. The encoder (a keras-hub backbone) names its
+`pyramid_outputs` so: levels 2..5 with the ImageNet stem, 0..3 with the CIFAR stem.
+Defaults: levels 3-7 with the ImageNet stem (COCO's RetinaNet), 2-4 with the CIFAR
+stem (small images and objects).
 
 The detector takes float images in [0, 1]; the encoder's training normalisation is
 its first layer.
@@ -15,10 +14,10 @@ import math
 
 import keras
 import numpy as np
-from corinfomax_tf import errors
 
-STAGE_STRIDES = {"cifar": {"P2": 1, "P3": 2, "P4": 4, "P5": 8},
-                 "imagenet": {"P2": 4, "P3": 8, "P4": 16, "P5": 32}}
+from corinfomax_tf import errors
+from corinfomax_tf.models import backbone as backbone_lib
+
 DEFAULT_LEVELS = {"cifar": (2, 4), "imagenet": (3, 7)}
 
 
@@ -26,7 +25,7 @@ def levels_for(stem, min_level=0, max_level=0):
   """(min_level, max_level), defaults by stem, checked against the backbone."""
   default_min, default_max = DEFAULT_LEVELS[stem]
   min_level, max_level = min_level or default_min, max_level or default_max
-  available = sorted(int(math.log2(s)) for s in STAGE_STRIDES[stem].values())
+  available = sorted(int(math.log2(s)) for s in backbone_lib.STAGE_STRIDES[stem].values())
   if not available[0] <= min_level <= available[-1]:
     raise errors.ConfigError(f"--min_level={min_level}: the {stem}-stem encoder gives levels "
                         f"{available[0]}..{available[-1]}")
@@ -52,7 +51,8 @@ def check_settings(stem, image_size, min_level=0, max_level=0):
 def build_detector(encoder, metadata, num_classes, *, image_size, min_level=0,
                    max_level=0, head_convs=2, confidence_threshold=0.05,
                    max_detections=100):
-  """RetinaNetObjectDetector whose backbone is `encoder` (shared, trainable)."""
+  """RetinaNetObjectDetector on `encoder` (a CorInfoMaxBackbone, shared, trainable),
+  behind a normalisation layer: the detector takes images in [0, 1]."""
   import keras_hub
   stem = metadata["architecture"]["stem"]
   min_level, max_level = check_settings(stem, image_size, min_level, max_level)
@@ -61,9 +61,8 @@ def build_detector(encoder, metadata, num_classes, *, image_size, min_level=0,
   images = keras.Input((image_size, image_size, 3), name="images")
   normalized = keras.layers.Normalization(mean=mean, variance=std**2,
                                           name="normalize")(images)
-  stages = encoder.feature_map_model()(normalized)
-  levels = {f"P{int(math.log2(STAGE_STRIDES[stem][name]))}": tensor
-            for name, tensor in stages.items()}
+  levels = keras.Model(encoder.input, encoder.pyramid_outputs,
+                       name=f"{encoder.name}_pyramid")(normalized)
   image_encoder = keras_hub.models.FeaturePyramidBackbone(inputs=images, outputs=levels,
                                                           name="image_encoder")
   image_encoder.pyramid_outputs = levels

@@ -6,10 +6,12 @@ here, so that one architecture description (depth, stem, width) means one networ
 
 
 def encoder(depth, stem, width, *, name="encoder", sync_batch_norm=False, image_size=None):
-  """A `ResNetEncoder` (pooled features; `pyramid_outputs` for detection)."""
-  from corinfomax_tf.models import resnet
-  return resnet.ResNetEncoder(depth=depth, stem=stem, width=width, image_size=image_size,
-                              sync_batch_norm=sync_batch_norm, name=name)
+  """A `backbone.CorInfoMaxBackbone`: the last feature map (pool it with
+  `backbone.pooled_model`), `pyramid_outputs` for detection."""
+  from corinfomax_tf.models import backbone
+  return backbone.CorInfoMaxBackbone(depth=depth, stem=stem, width=width,
+                                     image_size=image_size,
+                                     sync_batch_norm=sync_batch_norm, name=name)
 
 
 def encoder_from_architecture(architecture, *, name="encoder"):

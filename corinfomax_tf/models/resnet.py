@@ -1,4 +1,4 @@
-"""ResNet-18/34/50 encoders as functional Keras models.
+"""ResNet-18/34/50 layers, as the encoder (`backbone.CorInfoMaxBackbone`) builds them.
 
 Matches torchvision's ResNet (the authors' encoder): stride on the 3x3 convolution of
 bottleneck blocks (v1.5), 1x1 convolution + BatchNorm projection shortcuts, PyTorch's
@@ -7,10 +7,10 @@ symmetric padding for strided convolutions, BatchNorm momentum 0.9 / epsilon 1e-
 BatchNorm of every residual block starting at gamma = 0 (zero-init residual).
 
 Two stems: "cifar" (3x3 stride-1 convolution, no max-pool) and "imagenet" (7x7
-stride-2 convolution, 3x3 stride-2 max-pool). The model's output is the globally
-average-pooled feature (512-d for ResNet-18/34 at width 64, 2048-d for ResNet-50);
-`pyramid_outputs` holds the stage outputs P2..P5 for detection heads, and
-`feature_map_model()` returns a model sharing the weights that outputs them.
+stride-2 convolution, 3x3 stride-2 max-pool). `resnet_body` returns the last feature map
+(512 channels for ResNet-18/34 at width 64, 2048 for ResNet-50) and the four stage
+outputs; the layer names and their creation order are those of every checkpoint
+written so far.
 """
 
 import keras
@@ -81,74 +81,40 @@ def _bottleneck_block(x, filters, stride, name, sync_bn):
   return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
-@keras.saving.register_keras_serializable(package="corinfomax_tf")
-class ResNetEncoder(keras.Model):
-  """ResNet encoder returning pooled features.
+def check_architecture(depth, stem, width, image_size):
+  """keras-hub style argument errors ("... Received: x=...")."""
+  if depth not in BLOCKS:
+    raise ValueError(f"depth must be one of {sorted(BLOCKS)}. Received: depth={depth!r}")
+  if stem not in STEMS:
+    raise ValueError(f"stem must be one of {STEMS}. Received: stem={stem!r}")
+  if not isinstance(width, int) or width < 1:
+    raise ValueError(f"width must be a positive integer. Received: width={width!r}")
+  if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+    raise ValueError("image_size must be a positive integer or None. "
+                     f"Received: image_size={image_size!r}")
 
-  Args:
-    depth: 18, 34 or 50.
-    stem: "cifar" or "imagenet".
-    width: filters of the first stage (64 is the standard ResNet; smaller values
-      make the tiny models used for the embedded default and the tests).
-    image_size: height/width of the input, or None for any size.
-    sync_batch_norm: synchronise BatchNorm statistics across replicas.
-  """
 
-  def __init__(self, depth=18, stem="cifar", width=64, image_size=None,
-               sync_batch_norm=False, **kwargs):
-    if depth not in BLOCKS:
-      raise ValueError(f"depth must be one of {sorted(BLOCKS)}. Received: depth={depth!r}")
-    if stem not in STEMS:
-      raise ValueError(f"stem must be one of {STEMS}. Received: stem={stem!r}")
-    if not isinstance(width, int) or width < 1:
-      raise ValueError(f"width must be a positive integer. Received: width={width!r}")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-      raise ValueError("image_size must be a positive integer or None. "
-                       f"Received: image_size={image_size!r}")
-
-    # === Functional model ===
-    inputs = keras.Input(shape=(image_size, image_size, 3), name="images")
-    if stem == "cifar":
-      x = _conv(inputs, width, 3, 1, "stem_conv")
-      x = _batch_norm("stem_bn", sync_batch_norm)(x)
-      x = keras.layers.ReLU(name="stem_relu")(x)
-    else:
-      x = _conv(inputs, width, 7, 2, "stem_conv")
-      x = _batch_norm("stem_bn", sync_batch_norm)(x)
-      x = keras.layers.ReLU(name="stem_relu")(x)
-      x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
-      x = keras.layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
-    kind, counts = BLOCKS[depth]
-    block_fn = _basic_block if kind == "basic" else _bottleneck_block
-    pyramid = {}
-    for stage, count in enumerate(counts):
-      filters = width * 2**stage
-      for index in range(count):
-        stride = 2 if (stage > 0 and index == 0) else 1
-        x = block_fn(x, filters, stride, f"stage{stage + 1}_block{index + 1}",
-                     sync_batch_norm)
-      pyramid[f"P{stage + 2}"] = x
-    pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    super().__init__(inputs=inputs, outputs=pooled, **kwargs)
-
-    # === Config ===
-    self.depth = depth
-    self.stem = stem
-    self.width = width
-    self.image_size = image_size
-    self.sync_batch_norm = sync_batch_norm
-    self.pyramid_outputs = pyramid
-    self.feature_dim = int(pooled.shape[-1])
-
-  def feature_map_model(self):
-    """A model sharing these weights that returns {"P2": ..., "P5": ...}."""
-    return keras.Model(self.input, self.pyramid_outputs, name=f"{self.name}_pyramid")
-
-  def get_config(self):
-    return {"depth": self.depth, "stem": self.stem, "width": self.width,
-            "image_size": self.image_size, "sync_batch_norm": self.sync_batch_norm,
-            "name": self.name, "trainable": self.trainable}
-
-  @classmethod
-  def from_config(cls, config):
-    return cls(**config)
+def resnet_body(inputs, depth, stem, width, sync_batch_norm):
+  """(last feature map, {"P2": ..., "P5": ...}) of the ResNet on `inputs`: the layers,
+  their names and their creation order are the encoder's (checkpoints depend on it)."""
+  if stem == "cifar":
+    x = _conv(inputs, width, 3, 1, "stem_conv")
+    x = _batch_norm("stem_bn", sync_batch_norm)(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+  else:
+    x = _conv(inputs, width, 7, 2, "stem_conv")
+    x = _batch_norm("stem_bn", sync_batch_norm)(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+    x = keras.layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
+  kind, counts = BLOCKS[depth]
+  block_fn = _basic_block if kind == "basic" else _bottleneck_block
+  pyramid = {}
+  for stage, count in enumerate(counts):
+    filters = width * 2**stage
+    for index in range(count):
+      stride = 2 if (stage > 0 and index == 0) else 1
+      x = block_fn(x, filters, stride, f"stage{stage + 1}_block{index + 1}",
+                   sync_batch_norm)
+    pyramid[f"P{stage + 2}"] = x
+  return x, pyramid

@@ -254,7 +254,7 @@ class KNNMonitor(keras.callbacks.Callback):
     if (epoch + 1) % self.every:
       return
     from corinfomax_tf.evaluation import probes as evaluation
-    encoder = self.model.encoder
+    encoder = self.model.features
     train_x, train_y = evaluation.extract_features(encoder, self.train_ds)
     test_x, test_y = evaluation.extract_features(encoder, self.test_ds)
     self.last = evaluation.knn_evaluate(train_x, train_y, test_x, test_y, self.num_classes,

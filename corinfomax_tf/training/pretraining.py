@@ -374,6 +374,7 @@ class PretrainingJob:
     import tensorflow as tf
 
     from corinfomax_tf.evaluation import probes
+    from corinfomax_tf.models import backbone
     from corinfomax_tf.models import factory
     t, e = self.cfg.train, self.eval_source
     if self.no_eval_reason:
@@ -386,12 +387,13 @@ class PretrainingJob:
                                   self._eval_split(e.test), e.num_classes,
                                   epochs=t.probe_epochs, seed=t.seed)
     self.summary["probe_dataset"] = self.cfg.data.eval_dataset or self.cfg.data.dataset
-    self.summary["probe"] = probe(self.model.encoder)
+    self.summary["probe"] = probe(self.model.features)
     self.log(f"Linear probe, pretrained encoder: top-1 {self.summary['probe']['top1']:.2f}%")
     if t.probe_random:
       keras.utils.set_random_seed(t.seed + 1)
-      random_encoder = factory.encoder(self.cfg.model.depth, self.cfg.model.stem,
-                                       self.cfg.model.width, name="random_encoder")
+      random_encoder = backbone.pooled_model(factory.encoder(
+          self.cfg.model.depth, self.cfg.model.stem, self.cfg.model.width,
+          name="random_encoder"))
       self.summary["random_probe"] = probe(random_encoder)
       self.log(f"Linear probe, random encoder:     top-1 "
                f"{self.summary['random_probe']['top1']:.2f}%")
