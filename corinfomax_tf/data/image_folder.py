@@ -1,4 +1,8 @@
-"""Listing and checking an image folder: which files are kept, which skipped, and why.
+"""Listing and checking image files: which are kept, which skipped, and why.
+
+Two layouts: a labelled folder (root/<class>/<file>, `scan_image_folder`) and a
+user's unlabeled images (`scan_unlabeled_images`: every file of a tree, in any nesting
+of folders, or the files a text list names). Both go through the same checks.
 
 A pretraining run reads an image folder for days; one corrupt file must not stop it
 at hour 30 with a stack trace from inside tf.data. So the folder is checked once,
