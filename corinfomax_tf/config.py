@@ -540,6 +540,7 @@ class DetectConfig:
   init: str = "pretrained"
   min_level: int = 0
   max_level: int = 0
+  anchor_size: float = 0.0          # 0: by stem
   head_convs: int = 2
   epochs: int = 12
   batch_size: int = 16
@@ -555,7 +556,7 @@ class DetectConfig:
 
   RESUME_KEYS = ("encoder", "data.dataset", "data.image_size", "data.num_train_images",
                  "data.data_seed", "data.max_boxes", "init", "min_level", "max_level",
-                 "head_convs", "batch_size", "lr", "warmup_epochs", "momentum",
+                 "anchor_size", "head_convs", "batch_size", "lr", "warmup_epochs", "momentum",
                  "weight_decay", "clipnorm", "seed")
 
 
@@ -566,6 +567,7 @@ def detect_from_flags(f):
               ("image_size", f.image_size >= 16, "must be >= 16"),
               ("max_boxes", f.max_boxes >= 1, "must be >= 1"),
               ("head_convs", f.head_convs >= 1, "must be >= 1"),
+              ("anchor_size", f.anchor_size >= 0, "must be >= 0 (0: by stem)"),
               ("eval_every_epochs", f.eval_every_epochs >= 1, "must be >= 1"),
               ("keep_checkpoints", f.keep_checkpoints >= 1, "must be >= 1"),
               ("warmup_epochs", f.warmup_epochs >= 0, "must be >= 0"),
@@ -585,7 +587,8 @@ def detect_from_flags(f):
                                       f"detect_{f.dataset.replace('/', '_')}_{f.init}")
   return DetectConfig(
       encoder=f.encoder, workdir=workdir, data=data, init=f.init, min_level=f.min_level,
-      max_level=f.max_level, head_convs=f.head_convs, epochs=f.epochs,
+      max_level=f.max_level, anchor_size=f.anchor_size, head_convs=f.head_convs,
+      epochs=f.epochs,
       batch_size=f.batch_size, lr=f.lr, warmup_epochs=f.warmup_epochs,
       momentum=f.momentum, weight_decay=f.weight_decay, clipnorm=f.clipnorm,
       eval_every_epochs=f.eval_every_epochs, keep_checkpoints=f.keep_checkpoints,

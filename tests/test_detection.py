@@ -148,6 +148,37 @@ def test_pyramid_levels_follow_the_true_strides():
     detector_lib.levels_for("imagenet", 1, 5)
 
 
+def test_anchor_coverage_and_the_cifar_stem_default_that_covers_the_generated_boxes():
+  import keras_hub  # noqa: F401
+  generator = detector_lib.anchor_generator("cifar", 2, 4, anchor_size=4.0)
+  anchors = np.concatenate([np.asarray(v) for v in generator(
+      np.zeros((1, 48, 48, 3), np.float32)).values()])
+  # A box equal to an anchor is covered; a 3-pixel one is not.
+  assert detector_lib.anchor_coverage(generator, 48, anchors[:1]) == 1.0
+  assert detector_lib.anchor_coverage(generator, 48, [[20, 20, 23, 23]]) == 0.0
+  _, boxes, labels = detection_data.generate_detection_arrays(256, image_size=48)
+  boxes = boxes[labels >= 0]
+  # COCO's anchor size misses a fifth of the generated digits; the CIFAR default not.
+  assert detector_lib.anchor_coverage(generator, 48, boxes) < 0.85
+  default = detector_lib.anchor_generator("cifar", 2, 4)
+  assert default.anchor_size == 3.0
+  assert detector_lib.anchor_coverage(default, 48, boxes) > 0.99
+
+
+def test_detection_picture_draws_true_and_confident_predicted_boxes():
+  from corinfomax_tf.downstream import detection as detect
+  image = np.zeros((16, 16, 3), np.uint8)
+  picture = detect.detection_picture(
+      [image, image], [(np.array([[2.0, 2, 8, 8]]), np.array([0.9]), np.array([1])),
+                       (np.array([[2.0, 2, 8, 8]]), np.array([0.1]), np.array([1]))],
+      [(np.array([[9.0, 9, 14, 14]]), np.array([3]))] * 2, ["a", "b", "c", "d"], scale=4)
+  assert picture.shape == (64, 64 + 4 + 64, 3)
+  green = (picture[..., 1] > 200) & (picture[..., 0] < 50)
+  red = (picture[..., 0] > 200) & (picture[..., 1] < 100)
+  assert green[:, :64].any() and green[:, 68:].any()
+  assert red[:, :64].any() and not red[:, 68:].any()   # 0.1 is below min_score
+
+
 def test_retinanet_on_our_backbone_trains_and_gives_boxes(trained, tmp_path):
   from corinfomax_tf import config
   from corinfomax_tf.downstream import detection as detect
@@ -163,6 +194,9 @@ def test_retinanet_on_our_backbone_trains_and_gives_boxes(trained, tmp_path):
   assert result["last_epoch_loss"] < result["first_epoch_loss"]
   assert not np.array_equal(before, encoder.get_layer("stem_conv").get_weights()[0])
   assert 0.0 <= result["mAP"] <= result["AP50"] <= 1.0
+  assert 0.0 <= result["train_mAP"] <= result["train_AP50"] <= 1.0
+  assert result["train_eval_images"] == 64 and result["anchor_coverage"] > 0.95
+  assert os.path.isfile(os.path.join(cfg.workdir, "detections.png"))
   detector = detector_lib.build_detector(encoder, metadata, 10, image_size=32)
   predictions, truths = detect.predict_boxes(detector, source.test, batch_size=8)
   assert len(predictions) == len(truths) == 16

@@ -44,6 +44,10 @@ def define_flags():
   flags.DEFINE_integer("max_boxes", 4, "Boxes kept per image (padding above).")
   flags.DEFINE_integer("min_level", 0, "Lowest pyramid level (0: by stem).")
   flags.DEFINE_integer("max_level", 0, "Highest pyramid level (0: by stem).")
+  flags.DEFINE_float("anchor_size", 0.0,
+                     "Anchor side at level l: anchor_size * 2**l (times 3 scales and 3 "
+                     "aspect ratios); 0: by stem (4 with the ImageNet stem, as COCO's "
+                     "RetinaNet; 3 with the CIFAR stem, whose small objects 4 misses).")
   flags.DEFINE_integer("head_convs", 2, "Convolutions in each RetinaNet head (4 in the "
                        "paper's RetinaNet).")
   flags.DEFINE_integer("epochs", 12, "Fine-tuning epochs.")

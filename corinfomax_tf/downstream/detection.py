@@ -13,8 +13,14 @@ ends where an uninterrupted one does.
 
 import math
 import time
+import weakref
 
 RESULT_FILE = "detect.json"
+# Training images whose mAP is measured beside the test split's.
+TRAIN_EVAL_IMAGES = 128
+# Boxes whose anchor coverage is reported before training.
+COVERAGE_IMAGES = 1000
+_DETECT_FUNCTIONS = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------
@@ -34,11 +40,16 @@ def predict_boxes(detector, dataset, batch_size):
   predictions, ground_truths = [], []
   size = float(detector.input_shape[1])
 
-  # keras-hub 0.32's predict_on_batch passes a 1-tuple to decode_predictions, which
-  # expects the images or an (images, targets) pair: decode explicitly instead.
-  @tf.function
-  def detect(images):
-    return detector.decode_predictions(detector(images, training=False), images)
+  detect = _DETECT_FUNCTIONS.get(detector)
+  if detect is None:
+    # keras-hub 0.32's predict_on_batch passes a 1-tuple to decode_predictions, which
+    # expects the images or an (images, targets) pair: decode explicitly instead.
+    # One function per detector, traced once per batch size (keras-hub's NMS needs
+    # a static one).
+    @tf.function
+    def detect(images):
+      return detector.decode_predictions(detector(images, training=False), images)
+    _DETECT_FUNCTIONS[detector] = detect
   for images, targets in dataset.batch(batch_size):
     out = detect(as_float_images(images))
     for i in range(int(images.shape[0])):
@@ -58,6 +69,50 @@ def evaluate_map(detector, dataset, num_classes, batch_size=32):
   result["detections_per_image"] = float(sum(len(p[1]) for p in predictions) /
                                          max(1, len(predictions)))
   return result
+
+
+def detection_picture(images, predictions, ground_truths, class_names, min_score=0.3,
+                      scale=4):
+  """One row of images, enlarged `scale` times: true boxes in green, predictions of
+  confidence >= min_score in red with class and confidence. uint8 (H, W, 3)."""
+  import numpy as np
+  from PIL import Image
+  from PIL import ImageDraw
+  tiles = []
+  for image, (boxes, scores, labels), (true_boxes, true_labels) in zip(
+      images, predictions, ground_truths):
+    tile = Image.fromarray(np.asarray(image, np.uint8)).resize(
+        (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(tile)
+    for box, label in zip(true_boxes, true_labels):
+      draw.rectangle([float(v) * scale for v in box], outline=(0, 220, 0), width=2)
+    for box, score, label in zip(boxes, scores, labels):
+      if score >= min_score:
+        draw.rectangle([float(v) * scale for v in box], outline=(255, 40, 40), width=1)
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        draw.text((float(box[0]) * scale + 2, float(box[1]) * scale + 1),
+                  f"{name} {score:.2f}", fill=(255, 40, 40))
+    tiles.append(np.asarray(tile))
+  gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
+  return np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)
+
+
+def write_picture(detector, test, class_names, workdir, step, count=8):
+  """The picture of the first `count` test images: <workdir>/detections.png and
+  TensorBoard (eval/detection/test_images)."""
+  import numpy as np
+  import tensorflow as tf
+  from PIL import Image
+  sample = test.take(count)
+  predictions, truths = predict_boxes(detector, sample, count)
+  images = [image.numpy() for image, _ in sample]
+  picture = detection_picture(images, predictions, truths, class_names)
+  Image.fromarray(picture).save(workdir.join("detections.png"))
+  writer = tf.summary.create_file_writer(workdir.join("eval"))
+  with writer.as_default(step=step):
+    tf.summary.image("detection/test_images_true_green_predicted_red",
+                     picture[None].astype(np.uint8))
+  writer.flush()
 
 
 # ----------------------------------------------------------------------------
@@ -110,18 +165,46 @@ def _epoch_end(run, evaluate, cfg, images_per_epoch, log):
               f"{logs.get('cls_logits_loss', 0):.4f}), "
               f"{images_per_epoch / (time.time() - self.start):.0f} img/s")
       if number % cfg.eval_every_epochs == 0 or number == cfg.epochs:
-        scores = evaluate()
+        scores, train = evaluate()
         line += (f", test mAP {100 * scores['mAP']:.2f} (AP50 {100 * scores['AP50']:.2f}, "
-                 f"AP75 {100 * scores['AP75']:.2f})")
+                 f"AP75 {100 * scores['AP75']:.2f}), train mAP {100 * train['mAP']:.2f} "
+                 f"(AP50 {100 * train['AP50']:.2f})")
         with eval_writer.as_default(step=number):
           for key in ("mAP", "AP50", "AP75"):
             tf.summary.scalar(f"detection/{key}", 100 * scores[key])
+            tf.summary.scalar(f"detection/train_{key}", 100 * train[key])
         eval_writer.flush()
+        scores = dict(scores, train_mAP=train["mAP"], train_AP50=train["AP50"],
+                      train_AP75=train["AP75"])
         run.progress["last_scores"] = scores
-        run.record(number, mAP=scores["mAP"], AP50=scores["AP50"])
+        run.record(number, mAP=scores["mAP"], AP50=scores["AP50"], train_mAP=train["mAP"],
+                   train_AP50=train["AP50"])
       run.end_epoch(number)
       log(line)
   return EpochEnd()
+
+
+def _report_anchor_coverage(detector, source, cfg, log):
+  """Logs (and returns) the share of training boxes that some anchor matches at IoU
+  0.5; warns below 90%: the others are never learned as objects."""
+  import numpy as np
+
+  from corinfomax_tf.models import detector as detector_lib
+  boxes = []
+  for _, target in source.train.take(COVERAGE_IMAGES):
+    labels = target["labels"].numpy()
+    boxes.append(target["boxes"].numpy()[labels >= 0])
+  generator = detector.anchor_generator
+  coverage = detector_lib.anchor_coverage(generator, cfg.data.image_size,
+                                          np.concatenate(boxes))
+  line = (f"anchors: levels {generator.min_level}-{generator.max_level}, size "
+          f"{generator.anchor_size:g}; {100 * coverage:.1f}% of the training boxes have "
+          "one with IoU >= 0.5")
+  if coverage < 0.9:
+    line += (" (the rest are never learned as objects: change --anchor_size or "
+             "--min_level)")
+  log(line)
+  return coverage
 
 
 def _detector_and_optimizer(encoder, metadata, num_classes, steps_per_epoch, cfg):
@@ -129,7 +212,8 @@ def _detector_and_optimizer(encoder, metadata, num_classes, steps_per_epoch, cfg
   from corinfomax_tf.training import schedules
   detector = detector_lib.build_detector(
       encoder, metadata, num_classes, image_size=cfg.data.image_size,
-      min_level=cfg.min_level, max_level=cfg.max_level, head_convs=cfg.head_convs)
+      min_level=cfg.min_level, max_level=cfg.max_level, anchor_size=cfg.anchor_size,
+      head_convs=cfg.head_convs)
   total = steps_per_epoch * cfg.epochs
   schedule = schedules.WarmupCosine(
       base_lr=cfg.lr, total_steps=total,
@@ -168,12 +252,17 @@ def run_detection(encoder, metadata, source, cfg, log=print):
                                                   steps_per_epoch, cfg)
     start = run.restore(detector=detector, optimizer=optimizer)
     test = source.test.cache()
+    # Training-set mAP beside the test's: a detector that cannot find the objects it
+    # was trained on is undertrained or mis-built, not overfitted.
+    train_sample = source.train.take(min(TRAIN_EVAL_IMAGES, source.num_train)).cache()
     log(f"{source.num_train} training / {source.num_test} test images, "
         f"{source.num_classes} classes; {steps_per_epoch} steps of {cfg.batch_size} "
         "per epoch")
+    coverage = _report_anchor_coverage(detector, source, cfg, log)
     callbacks = [
-        _epoch_end(run, lambda: evaluate_map(detector, test, source.num_classes), cfg,
-                   steps_per_epoch * cfg.batch_size, log),
+        _epoch_end(run, lambda: (evaluate_map(detector, test, source.num_classes),
+                                 evaluate_map(detector, train_sample, source.num_classes)),
+                   cfg, steps_per_epoch * cfg.batch_size, log),
         keras.callbacks.TensorBoard(run.workdir.join("logs"), write_graph=False,
                                     update_freq="epoch")]
     if start < cfg.epochs:
@@ -181,8 +270,11 @@ def run_detection(encoder, metadata, source, cfg, log=print):
                    epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=steps_per_epoch,
                    callbacks=callbacks, verbose=0, shuffle=False)
     scores = run.progress.pop("last_scores", {})
+    write_picture(detector, test, list(source.class_names), run.workdir,
+                  steps_per_epoch * cfg.epochs)
     return run.finish(dict(
-        **scores, init=cfg.init, batch_size=cfg.batch_size, lr=cfg.lr,
+        **scores, anchor_coverage=coverage, train_eval_images=int(
+            min(TRAIN_EVAL_IMAGES, source.num_train)), init=cfg.init, batch_size=cfg.batch_size, lr=cfg.lr,
         image_size=cfg.data.image_size, num_train=source.num_train,
         num_test=source.num_test, num_classes=source.num_classes,
         class_names=list(source.class_names), seed=cfg.seed,
