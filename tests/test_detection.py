@@ -149,7 +149,6 @@ def test_pyramid_levels_follow_the_true_strides():
 
 
 def test_anchor_coverage_and_the_cifar_stem_default_that_covers_the_generated_boxes():
-  import keras_hub  # noqa: F401
   generator = detector_lib.anchor_generator("cifar", 2, 4, anchor_size=4.0)
   anchors = np.concatenate([np.asarray(v) for v in generator(
       np.zeros((1, 48, 48, 3), np.float32)).values()])
