@@ -117,6 +117,24 @@ def test_logged_loss_is_the_computed_loss(strategies):
   np.testing.assert_allclose(history["cov"][0], expected["cov"].numpy(), rtol=1e-5)
 
 
+def test_keras_data_conventions_train_on_batch_evaluate_and_fit(strategies):
+  """Views alone, (views, labels) and plain arrays all train; the step is the same."""
+  one, _ = strategies
+  views, labels = next(iter(batches(steps=1)))
+  model = build(one)
+  alone = model.train_on_batch(views.numpy(), return_dict=True)
+  paired = build(one).train_on_batch(views, labels, return_dict=True)
+  assert alone["loss"] == paired["loss"] and np.isfinite(alone["loss"])
+  logs = model.evaluate(views.numpy(), batch_size=BATCH, verbose=0, return_dict=True)
+  assert np.isfinite(logs["loss"]) and logs["grad_norm"] == 0.0
+  history = model.fit(views.numpy(), batch_size=BATCH, epochs=2, verbose=0).history
+  assert len(history["loss"]) == 2 and np.all(np.isfinite(history["cov"]))
+  with pytest.raises(ValueError, match="sample weights"):
+    model.train_on_batch(views, labels, sample_weight=np.ones(BATCH, "float32"))
+  with pytest.raises(ValueError, match=r"Received: views with shape \(8, 12, 12, 3\)"):
+    build(one).train_on_batch(views[:, 0])
+
+
 def test_slurm_resolver_builds_the_cluster_from_slurm_variables(monkeypatch):
   from corinfomax_tf.training import distribute
   with pytest.raises(errors.ConfigError, match="--cluster_resolver=slurm: "

@@ -86,3 +86,15 @@ def test_online_probe_does_not_change_encoder_updates():
   for name in ("mu1", "R1", "mu2", "R2"):
     np.testing.assert_array_equal(getattr(plain.loss_layer, name).numpy(),
                                   getattr(probed.loss_layer, name).numpy())
+
+
+def test_linear_evaluation_head_starts_as_torch_nn_linear():
+  from corinfomax_tf.evaluation import linear
+  keras.utils.set_random_seed(0)
+  head = linear.linear_head(10, 400)
+  kernel, bias = (np.asarray(v) for v in (head.kernel, head.bias))
+  assert kernel.shape == (400, 10) and bias.shape == (10,)
+  # torch.nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and bias.
+  assert np.abs(kernel).max() <= 0.05 and np.abs(kernel).max() > 0.049
+  assert np.abs(bias).max() <= 0.05 and np.abs(bias).min() > 0
+  np.testing.assert_allclose(kernel.std(), 0.05 / np.sqrt(3), rtol=0.05)

@@ -26,7 +26,7 @@ EXAMPLES = {
     "CorInfoMaxBackbone": dict(depth=34, stem="imagenet", width=4, image_size=32,
                                sync_batch_norm=True, dtype="float64"),
     "WarmupCosine": dict(base_lr=0.3, total_steps=100, warmup_steps=10,
-                         warmup_start_lr=0.01, min_lr=1e-4),
+                         warmup_start_lr=0.01, min_lr=1e-4, steps_per_update=3),
     "ReferenceSGD": dict(learning_rate=0.1, momentum=0.8, l2_weight_decay=1e-3),
 }
 

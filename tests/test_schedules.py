@@ -22,6 +22,19 @@ def test_warmup_cosine_values():
   assert float(clone(37)) == float(s(37))
 
 
+def test_cosine_stepped_per_epoch_is_pytorchs_cosine_annealing_per_epoch():
+  """Linear evaluation: CosineAnnealingLR(T_max=epochs, eta_min) stepped after each
+  epoch gives eta_min + (base - eta_min) * (1 + cos(pi * e / epochs)) / 2 to every
+  step of epoch e (0-based)."""
+  epochs, steps_per_epoch, base, low = 5, 7, 0.2, 2e-3
+  s = schedules.WarmupCosine(base_lr=base, total_steps=epochs, warmup_steps=0,
+                             min_lr=low, steps_per_update=steps_per_epoch)
+  for step in range(epochs * steps_per_epoch):
+    e = step // steps_per_epoch
+    want = low + (base - low) * (1 + math.cos(math.pi * e / epochs)) / 2
+    assert math.isclose(float(s(step)), want, rel_tol=1e-6), step
+
+
 def test_reference_sgd_matches_pytorch_update_rule():
   """buf = m*buf + (g + wd*w); w -= lr*buf, with a learning rate that changes."""
   lrs = [0.1, 0.3, 0.05, 0.2]

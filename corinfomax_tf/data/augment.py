@@ -204,24 +204,35 @@ def augment_view(image, size, view, mean, std, seed):
   return normalize(x, mean, std)
 
 
+def eval_size(size):
+  """The shorter side an evaluation image is resized to: int(size * 8 / 7), as the
+  reference truncates it (32 -> 36, 64 -> 73, 224 -> 256)."""
+  return int(size * 8 / 7)
+
+
 def eval_view(image, size, mean, std):
-  """Evaluation transform: resize the shorter side to size*8/7 (bicubic), centre
-  crop to size; an image already of the training size is only normalised."""
+  """The reference's test-time transform (torchvision Resize(int(size * 8 / 7)),
+  bicubic, then CenterCrop(size)), at every input size, the training size included.
+
+  As torchvision computes them: the longer side becomes int(target * long / short)
+  (truncated), and the crop's offsets round((resized - size) / 2), half to even.
+  """
   shape = tf.shape(image)
   h, w = shape[0], shape[1]
+  target = eval_size(size)
+  short = tf.cast(tf.minimum(h, w), tf.float64)
 
-  def resize_and_crop():
-    short = tf.cast(tf.minimum(h, w), tf.float32)
-    target = tf.cast(tf.round(size * 8.0 / 7.0), tf.float32)
-    nh = tf.cast(tf.round(tf.cast(h, tf.float32) * target / short), tf.int32)
-    nw = tf.cast(tf.round(tf.cast(w, tf.float32) * target / short), tf.int32)
-    resized = resize(image, tf.stack([nh, nw]))
-    top = (nh - size) // 2
-    left = (nw - size) // 2
-    return tf.slice(resized, tf.stack([top, left, 0]), [size, size, 3])
+  def scaled(side):
+    # Exact for image sizes: the integer product first, as Python's int(a * b / c).
+    return tf.cast(tf.floor(tf.cast(side * target, tf.float64) / short), tf.int32)
 
-  same = tf.logical_and(tf.equal(h, size), tf.equal(w, size))
-  x = tf.cond(same, lambda: image, resize_and_crop)
+  nh = tf.where(h <= w, target, scaled(h))
+  nw = tf.where(w <= h, target, scaled(w))
+  resized = resize(image, tf.stack([nh, nw]))
+  # tf.round rounds half to even, as Python's round in torchvision's CenterCrop.
+  top = tf.cast(tf.round(tf.cast(nh - size, tf.float32) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(nw - size, tf.float32) / 2.0), tf.int32)
+  x = tf.slice(resized, tf.stack([top, left, 0]), [size, size, 3])
   return normalize(tf.ensure_shape(x, (size, size, 3)), mean, std)
 
 

@@ -1,7 +1,8 @@
 """Linear evaluation of a frozen encoder, the paper's protocol, resumable exactly.
 
 A linear classifier is trained on the encoder's pooled features: 100 epochs, batch
-256, SGD momentum 0.9, no weight decay, cosine 0.2 -> 2e-3 (ImageNet-1K: lr 25
+256, SGD momentum 0.9, no weight decay, cosine 0.2 -> 2e-3 stepped once per epoch
+as the reference steps it (ImageNet-1K: lr 25
 divided by 10 every 20 epochs, `schedule="step"`). Training images get the
 reference's evaluation-time augmentation (random resized crop + flip); test images
 are resized and centre-cropped. With `augment=False, precompute_features=True` the
@@ -62,8 +63,9 @@ def _training_stream(encoder, source, cfg):
 def _schedule(cfg, steps_per_epoch):
   from corinfomax_tf.training import schedules
   if cfg.schedule == "cosine":
-    return schedules.WarmupCosine(base_lr=cfg.lr, total_steps=steps_per_epoch * cfg.epochs,
-                                  warmup_steps=0, min_lr=cfg.min_lr)
+    # Stepped once per epoch, as the reference steps its CosineAnnealingLR.
+    return schedules.WarmupCosine(base_lr=cfg.lr, total_steps=cfg.epochs, warmup_steps=0,
+                                  min_lr=cfg.min_lr, steps_per_update=steps_per_epoch)
   return schedules.step_schedule(cfg.lr, range(cfg.step_epochs, cfg.epochs, cfg.step_epochs),
                                  0.1, steps_per_epoch)
 
@@ -81,6 +83,20 @@ def _train_step(head, optimizer):
                     head.trainable_variables)
     return loss, tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.int32))
   return train_step
+
+
+def linear_head(num_classes, feature_dim):
+  """The reference's classifier: one torch.nn.Linear, initialised as PyTorch does
+  (kernel and bias uniform in +-1/sqrt(feature_dim); Keras' Dense would start from
+  Glorot-uniform weights and a zero bias)."""
+  import keras
+  bound = 1.0 / feature_dim ** 0.5
+  head = keras.layers.Dense(
+      num_classes, name="linear",
+      kernel_initializer=keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
+      bias_initializer=keras.initializers.RandomUniform(-bound, bound))
+  head.build((None, feature_dim))
+  return head
 
 
 def protocol_of(cfg):
@@ -118,8 +134,7 @@ def run_linear_eval(encoder, source, cfg, log=print):
     train_stream, holds_features = _training_stream(encoder, source, cfg)
     steps_per_epoch = -(-source.num_train // cfg.batch_size)
     lr_fn = _schedule(cfg, steps_per_epoch)
-    head = keras.layers.Dense(num_classes, name="linear")
-    head.build((None, int(test_x.shape[1])))
+    head = linear_head(num_classes, int(test_x.shape[1]))
     optimizer = schedules.ReferenceSGD(lr_fn, momentum=cfg.momentum,
                                        l2_weight_decay=cfg.weight_decay)
     optimizer.build(head.trainable_variables)

@@ -96,7 +96,7 @@ class CorInfoMaxModel(keras.Model):
     return (terms, h1) if return_features else terms
 
   def train_step(self, data):
-    views, labels = data
+    views, labels = self._unpack(data)
     x1, x2 = split_views(views)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     with tf.GradientTape() as tape:
@@ -128,6 +128,24 @@ class CorInfoMaxModel(keras.Model):
       terms = {**terms, **self._probe_step(tf.stop_gradient(features), labels, replicas)}
     return self._update_metrics(terms)
 
+  def _unpack(self, data):
+    """Keras' data conventions: views alone, (views, labels) or (views, labels,
+    sample_weight); views stacked as (batch, 2, H, W, C). Labels feed only the
+    online probe; sample weights have no meaning for the CorInfoMax loss."""
+    views, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    if sample_weight is not None:
+      raise ValueError("CorInfoMaxModel takes no sample weights: the loss is over the "
+                       "batch's covariance. Received: sample_weight="
+                       f"{sample_weight!r}")
+    if labels is None and self.probe_head is not None:
+      raise ValueError("The online probe needs labels: pass (views, labels). "
+                       f"Received: views alone, views={views!r}")
+    shape = tf.TensorShape(views.shape)
+    if shape.rank is not None and (shape.rank != 5 or shape[1] not in (2, None)):
+      raise ValueError("Expected both views stacked as (batch, 2, height, width, "
+                       f"channels). Received: views with shape {tuple(shape)}")
+    return views, labels
+
   def _probe_step(self, features, labels, replicas):
     head_vars = self.probe_head.trainable_variables
     with tf.GradientTape() as tape:
@@ -147,7 +165,7 @@ class CorInfoMaxModel(keras.Model):
     return {"probe_loss": loss, "probe_top1": 100.0 * tf.reduce_mean(correct)}
 
   def test_step(self, data):
-    views, _ = data
+    views, _ = self._unpack(data)
     x1, x2 = split_views(views)
     terms = self.compute_loss_terms(x1, x2, training=False)
     return self._update_metrics({**terms, "grad_norm": tf.constant(0.0)})

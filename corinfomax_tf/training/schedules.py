@@ -35,10 +35,15 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
   warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps; afterwards
   min_lr + 0.5 * (base_lr - min_lr) * (1 + cos(pi * t)), t the fraction of the
   post-warm-up steps done.
+
+  With `steps_per_update=n` the rate changes only every n optimizer steps, and
+  `total_steps`/`warmup_steps` count those updates: a scheduler stepped once per
+  epoch (n = steps per epoch), as the reference's linear evaluation steps
+  PyTorch's CosineAnnealingLR, gives the rate of epoch e to every step of epoch e.
   """
 
   def __init__(self, base_lr, total_steps, warmup_steps=0, warmup_start_lr=3e-3,
-               min_lr=1e-6):
+               min_lr=1e-6, steps_per_update=1):
     if total_steps < 1:
       raise ValueError(f"total_steps must be >= 1. Received: total_steps={total_steps!r}")
     if not 0 <= warmup_steps <= total_steps:
@@ -49,9 +54,15 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     self.warmup_steps = int(warmup_steps)
     self.warmup_start_lr = float(warmup_start_lr)
     self.min_lr = float(min_lr)
+    if steps_per_update < 1:
+      raise ValueError("steps_per_update must be >= 1. Received: "
+                       f"steps_per_update={steps_per_update!r}")
+    self.steps_per_update = int(steps_per_update)
 
   def __call__(self, step):
     step = ops.cast(step, "float32")
+    if self.steps_per_update > 1:
+      step = ops.floor(step / float(self.steps_per_update))
     warm = float(max(self.warmup_steps, 1))
     warmup_lr = self.warmup_start_lr + (self.base_lr - self.warmup_start_lr) * step / warm
     decay_steps = float(max(self.total_steps - self.warmup_steps, 1))
@@ -63,7 +74,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
   def get_config(self):
     return {"base_lr": self.base_lr, "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps, "warmup_start_lr": self.warmup_start_lr,
-            "min_lr": self.min_lr}
+            "min_lr": self.min_lr, "steps_per_update": self.steps_per_update}
 
 
 @keras.saving.register_keras_serializable(package="corinfomax_tf")
