@@ -17,7 +17,7 @@ FIELDS = {"config", "device", "images_per_second", "ms_per_step", "traces", "los
           "covariance_dtypes", "xla", "no_xla", "model_flops_per_image_forward",
           "model_flops_per_step", "flops_counting", "achieved_flops_per_second",
           "matmul_flops_per_second", "matmul_size", "mfu_vs_matmul", "peak_memory_bytes",
-          "peak_memory_kind", "pipeline", "loss_alone"}
+          "peak_memory_kind", "pipeline", "loss_alone", "matmul_dtype"}
 
 
 def benchmark(*args):
@@ -44,3 +44,36 @@ def test_json_fields_xla_agreement_and_single_trace():
   sharded = r["pipeline"]["sharded"]
   assert sharded["workers"] == 2 and sharded["global_images_per_second_one_worker"] > 0
   assert r["covariance_dtypes"] == ["float64"]
+  assert r["matmul_dtype"] == "float32"
+
+
+def test_utilisation_is_measured_against_a_matmul_in_the_steps_compute_dtype():
+  from corinfomax_tf.benchmarking import training_step
+  assert [training_step.matmul_dtype(m) for m in ("none", "bfloat16", "float16")] == [
+      "float32", "bfloat16", "float16"]
+  assert training_step.matmul_flops_per_second(64, repeats=1, rounds=1,
+                                               dtype="bfloat16") > 0
+
+
+def test_input_only_times_decode_and_the_two_view_pipeline(tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
+  args = [sys.executable, "-m", "corinfomax_tf.benchmark", f"--flagfile={SMOKE}",
+          "--input_only", "--json", "--input_images=6", "--input_batch_size=4",
+          "--pipeline_batches=2"]
+  runs = []
+  for _ in range(2):   # the second run reuses the generated folder
+    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+  r = runs[0]
+  assert r["jpeg_decode_images_per_s_per_core"] > 0
+  assert r["imagenet_like_images_per_s_per_core"] > 0
+  assert r["ratio_to_decode"] == pytest.approx(
+      r["imagenet_like_images_per_s"] / r["jpeg_decode_images_per_s"])
+  assert r["folder_images"] == 6 and r["folder"].startswith(str(tmp_path))
+  jpegs = sorted(p for p in os.listdir(r["folder"]) if p.endswith(".jpg"))
+  assert len(jpegs) == 6 and runs[1]["folder"] == r["folder"]
+  from PIL import Image
+  with Image.open(os.path.join(r["folder"], jpegs[0])) as im:
+    assert im.format == "JPEG" and min(im.size) >= 300
