@@ -85,3 +85,27 @@ def test_eval_view_resizes_and_centre_crops_at_every_size():
   got = augment.eval_view(same, 16, MEAN, STD).numpy()
   assert got.shape == (16, 16, 3)
   assert not np.allclose(got, (same.numpy() - 0.5) / 0.25, atol=1e-3)
+
+
+@pytest.mark.parametrize("h, w, size", [(316, 316, 224), (150, 200, 224), (375, 500, 224),
+                                        (16, 16, 16), (9, 13, 12), (480, 120, 64)])
+def test_resize_equals_tensorflows_antialiased_bicubic(h, w, size):
+  """The blocked product gives tf.image.resize(bicubic, antialias=True), which the
+  fidelity tests compare with PIL; with a size known at run time (one block) too."""
+  x = image(h, w)
+  want = tf.clip_by_value(tf.image.resize(x, (size, size), "bicubic", antialias=True), 0, 1)
+  np.testing.assert_allclose(augment.resize(x, (size, size)).numpy(), want, atol=5e-5)
+  dynamic = tf.function(lambda im, n: augment.resize(im, tf.stack([n, n])))
+  np.testing.assert_allclose(dynamic(x, tf.constant(size)).numpy(), want, atol=5e-5)
+
+
+def test_compiled_view_equals_the_same_ops_uncompiled_and_uint8_equals_float():
+  x8 = tf.constant(np.random.RandomState(3).randint(0, 256, (40, 52, 3)).astype(np.uint8))
+  for s in range(8):
+    seed = tf.constant([s, 9])
+    compiled = augment.augment_view(x8, 24, VIEW, MEAN, STD, seed).numpy()
+    plain = augment.augment_view(x8, 24, VIEW, MEAN, STD, seed, compiled=False).numpy()
+    from_float = augment.augment_view(augment.to_float(x8), 24, VIEW, MEAN, STD, seed,
+                                      compiled=False).numpy()
+    np.testing.assert_allclose(compiled, plain, atol=2e-5)
+    np.testing.assert_array_equal(plain, from_float)

@@ -69,8 +69,8 @@ def test_input_only_times_decode_and_the_two_view_pipeline(tmp_path):
   r = runs[0]
   assert r["jpeg_decode_images_per_s_per_core"] > 0
   assert r["imagenet_like_images_per_s_per_core"] > 0
-  assert r["ratio_to_decode"] == pytest.approx(
-      r["imagenet_like_images_per_s"] / r["jpeg_decode_images_per_s"])
+  ratios = r["ratio_to_decode_per_round"]
+  assert len(ratios) == r["rounds"] and min(ratios) <= r["ratio_to_decode"] <= max(ratios)
   assert r["folder_images"] == 6 and r["folder"].startswith(str(tmp_path))
   jpegs = sorted(p for p in os.listdir(r["folder"]) if p.endswith(".jpg"))
   assert len(jpegs) == 6 and runs[1]["folder"] == r["folder"]

@@ -58,19 +58,28 @@ def imagenet_like_folder(count, seed=0, root=None):
   return root
 
 
-def _rate(dataset, images_per_element, elements, rounds=3):
-  """Median images/s over `rounds` timings of `elements` elements, after one
-  untimed element (start-up, thread pools, autotuning)."""
-  import numpy as np
+def _rate(dataset, images_per_element, elements):
+  """Images/s over `elements` elements of a fresh iterator, after one untimed element
+  (start-up, thread pools, autotuning). The iterator is dropped afterwards, so that
+  its background threads do not compete with the next timing."""
   it = iter(dataset)
   next(it)
-  rates = []
+  start = time.perf_counter()
+  for _ in range(elements):
+    next(it)
+  rate = elements * images_per_element / (time.perf_counter() - start)
+  del it
+  return rate
+
+
+def alternating_rates(datasets, images_per_element, elements, rounds=5):
+  """{name: [images/s per round]}: the pipelines timed in turn, round after round, so
+  that a machine whose speed drifts (shared or throttled cores) affects all alike."""
+  rates = {name: [] for name in datasets}
   for _ in range(rounds):
-    start = time.perf_counter()
-    for _ in range(elements):
-      next(it)
-    rates.append(elements * images_per_element / (time.perf_counter() - start))
-  return float(np.median(rates))
+    for name, ds in datasets.items():
+      rates[name].append(_rate(ds, images_per_element, elements))
+  return rates
 
 
 def decode_dataset(paths, batch_size):
@@ -84,28 +93,37 @@ def decode_dataset(paths, batch_size):
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def time_input_only(cfg, *, batch_size=64, batches=10, images=256, root=None):
+def time_input_only(cfg, *, batch_size=64, batches=10, images=256, rounds=5, root=None):
   """Plain JPEG decode and the full two-view pipeline at cfg's image size and
   augmentation, on an ImageNet-like folder, images/s per core and their ratio."""
+  import numpy as np
+
   from corinfomax_tf.data import datasets
   folder = imagenet_like_folder(images, root=root)
   source = datasets.load_source("images", image_size=cfg.data.image_size, data_dir=folder)
   paths = list(source.scans[0].paths)
   cores = os.cpu_count() or 1
-  decode = _rate(decode_dataset(paths, batch_size), batch_size, batches)
-  two_view = _rate(datasets.two_view_dataset(
+  two_view = datasets.two_view_dataset(
       source, global_batch_size=batch_size, image_size=cfg.data.image_size,
       views=(cfg.augment.view1, cfg.augment.view2), mean=cfg.data.mean,
-      std=cfg.data.std, seed=0), batch_size, batches)
+      std=cfg.data.std, seed=0)
+  rates = alternating_rates({"decode": decode_dataset(paths, batch_size),
+                             "two_view": two_view}, batch_size, batches, rounds)
+  ratios = [t / d for t, d in zip(rates["two_view"], rates["decode"])]
+  decode, two_view = (float(np.median(rates[k])) for k in ("decode", "two_view"))
   return {
       "imagenet_like_images_per_s_per_core": two_view / cores,
       "jpeg_decode_images_per_s_per_core": decode / cores,
-      "ratio_to_decode": two_view / decode,
+      "ratio_to_decode": float(np.median(ratios)),
+      "ratio_to_decode_per_round": ratios,
       "imagenet_like_images_per_s": two_view, "jpeg_decode_images_per_s": decode,
       "cores": cores, "image_size": cfg.data.image_size, "batch_size": batch_size,
-      "timed_images": batch_size * batches, "folder": folder, "folder_images": len(paths),
-      "method": "median of 3 timings of the given number of images after one untimed "
-                "batch; tf.data parallel maps (AUTOTUNE) over all cores"}
+      "timed_images_per_round": batch_size * batches, "rounds": rounds,
+      "folder": folder, "folder_images": len(paths),
+      "method": "decode and two-view pipelines timed in turn, each round on a fresh "
+                "iterator after one untimed batch; medians over the rounds (the ratio: "
+                "median of the per-round ratios); tf.data parallel maps (AUTOTUNE) over "
+                "all cores"}
 
 
 def synthetic_source(image_size, count=4096):
@@ -142,7 +160,7 @@ def time_pipeline(cfg, batch_size, batches, workers=1):
                                    image_size=d.image_size,
                                    views=(cfg.augment.view1, cfg.augment.view2),
                                    mean=d.mean, std=d.std, seed=0, input_context=context)
-    return _rate(ds, batch_size, batches, rounds=1)
+    return _rate(ds, batch_size, batches)
 
   whole = rate(None)
   cores = os.cpu_count() or 1

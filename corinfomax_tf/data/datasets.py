@@ -370,7 +370,7 @@ def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
   view1, view2 = views
 
   def make_views(image, label, element_seed):
-    image = augment.to_float(image)
+    # uint8 in: each view converts only its crop to float.
     base = tf.stack([element_seed, tf.constant(0, tf.int64)])
     s1, s2 = tf.unstack(tf.random.experimental.stateless_split(base, num=2))
     x1 = augment.augment_view(image, image_size, view1, mean, std, s1)
