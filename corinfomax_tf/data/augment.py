@@ -293,34 +293,47 @@ def photometric(image, params, view, mean, std):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_photometric(view, mean, std):
-  # One compiled function per view and normalisation; XLA fuses the elementwise
-  # chain into a few loops (about 3x faster than op by op on a CPU). Its input has a
-  # fixed shape (the training size), so it compiles once per size.
-  return tf.function(lambda image, params: photometric(image, params, view, mean, std),
-                     jit_compile=True, autograph=False)
+def _compiled_photometric(views, mean, std):
+  # One compiled function per set of views and normalisation, taking every view's
+  # crop at once (one launch); XLA fuses each view's elementwise chain into a few
+  # loops (about 3x faster than op by op on a CPU). Its inputs have a fixed shape
+  # (the training size), so it compiles once per size.
+  def fn(images, params):
+    return tuple(photometric(x, p, v, mean, std) for x, p, v in zip(images, params, views))
+  return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def augment_views(image, size, views, mean, std, seeds, compiled=True):
+  """Augmented, normalised views of one image (uint8, or float in [0, 1]), one per
+  ViewConfig in `views`, each from its seed.
+
+  Each random resized crop is cut from the image as it is (uint8 images are
+  converted after cropping, which gives the same values) and resized; the rest
+  runs on the (size, size) crops, compiled with XLA unless `compiled=False` (the
+  same ops, equal up to float rounding).
+  """
+  crops, params = [], []
+  shape = tf.shape(image)
+  for view, seed in zip(views, seeds):
+    crop_seed, p = view_params(view, seed)
+    top, left, ch, cw = random_resized_crop_box(shape[0], shape[1], view.crop_scale,
+                                                view.crop_ratio, crop_seed)
+    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, 3]))
+    if crop.dtype != tf.float32:
+      crop = to_float(crop)
+    crops.append(tf.ensure_shape(resize(crop, (size, size)), (size, size, 3)))
+    params.append(p)
+  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+  if compiled:
+    out = _compiled_photometric(tuple(views), mean, std)(tuple(crops), tuple(params))
+  else:
+    out = [photometric(x, p, v, mean, std) for x, p, v in zip(crops, params, views)]
+  return [tf.ensure_shape(x, (size, size, 3)) for x in out]
 
 
 def augment_view(image, size, view, mean, std, seed, compiled=True):
-  """One augmented, normalised view of an image (uint8, or float in [0, 1]).
-
-  The random resized crop is cut from the image as it is (uint8 images are
-  converted after cropping, which gives the same values) and resized; the rest
-  runs on the (size, size) crop, compiled with XLA unless `compiled=False` (the
-  same ops, equal up to float rounding).
-  """
-  crop_seed, params = view_params(view, seed)
-  shape = tf.shape(image)
-  top, left, ch, cw = random_resized_crop_box(shape[0], shape[1], view.crop_scale,
-                                              view.crop_ratio, crop_seed)
-  crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, 3]))
-  if crop.dtype != tf.float32:
-    crop = to_float(crop)
-  x = tf.ensure_shape(resize(crop, (size, size)), (size, size, 3))
-  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-  fn = (_compiled_photometric(view, mean, std) if compiled
-        else functools.partial(photometric, view=view, mean=mean, std=std))
-  return tf.ensure_shape(fn(x, params), (size, size, 3))
+  """One augmented, normalised view of an image (see `augment_views`)."""
+  return augment_views(image, size, (view,), mean, std, (seed,), compiled)[0]
 
 
 def eval_size(size):

@@ -373,9 +373,8 @@ def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
     # uint8 in: each view converts only its crop to float.
     base = tf.stack([element_seed, tf.constant(0, tf.int64)])
     s1, s2 = tf.unstack(tf.random.experimental.stateless_split(base, num=2))
-    x1 = augment.augment_view(image, image_size, view1, mean, std, s1)
-    x2 = augment.augment_view(image, image_size, view2, mean, std, s2)
-    return tf.stack([x1, x2]), label
+    return tf.stack(augment.augment_views(image, image_size, (view1, view2), mean, std,
+                                          (s1, s2))), label
 
   # Parallel maps keep their output order unless told otherwise, and each element
   # carries its own seed: the stream is reproducible in either case; `deterministic`
