@@ -8,6 +8,7 @@ names the flag and the value received.
 import dataclasses
 import json
 import os
+import re
 
 from corinfomax_tf.data import augment
 from corinfomax_tf.method import losses
@@ -39,6 +40,7 @@ class DataConfig:
   std: tuple = NORMALIZATIONS["digits"][1]
   cache: bool = False
   shuffle_buffer: int = 10000
+  data_service: str = ""          # grpc://host:port of a tf.data service dispatcher
   image_check: str = "header"
   bad_images: str = "skip"
   max_image_pixels: int = 50_000_000
@@ -258,6 +260,17 @@ def _data_section(f):
              "on); evaluate on a labelled set with --eval_dataset")
     _check(f.eval_dataset != "images", "eval_dataset", "images",
            "must be a labelled set: 'digits', 'folder' or a tensorflow-datasets name")
+  if f.data_service:
+    _check(re.fullmatch(r"(grpc://)?[^:/\s]+:\d+", f.data_service), "data_service",
+           f.data_service, "expected grpc://host:port (a tf.data service dispatcher)")
+    _check(f.dataset in ("folder", "images"), "data_service", f.data_service,
+           f"needs image files its workers read (--dataset=folder or images), not "
+           f"--dataset={f.dataset}: a tensorflow-datasets set or the digits are read "
+           "here (save them as an image folder to use a service)")
+    _check(not f.cache, "data_service", f.data_service,
+           "and --cache exclude each other (the service's workers decode the images)")
+    data = dataclasses.replace(data, data_service=f.data_service if "://" in
+                               f.data_service else "grpc://" + f.data_service)
   if f.eval_dataset:
     _data_dir_checks(f, "eval_dataset", "eval_data_dir")
   else:

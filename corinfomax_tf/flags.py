@@ -70,6 +70,10 @@ def _define_input_and_augmentation_flags():
          "Per-channel mean/std: auto (by data set), cifar10, cifar100, imagenet, digits.")
   _track(f.DEFINE_bool, "cache", False, "Cache decoded images of an image folder in memory.")
   _track(f.DEFINE_integer, "shuffle_buffer", 10000, "Shuffle buffer, in images.")
+  _track(f.DEFINE_string, "data_service", "",
+         "grpc://host:port of a tf.data service dispatcher: its workers read, decode and "
+         "augment the training images (--dataset=folder or images, at the same paths on "
+         "every worker host); see README, 'Feeding training from a tf.data service'.")
   # Augmentation.
   _track(f.DEFINE_float, "crop_min_scale", 0.08, "Random resized crop: smallest area share.")
   _track(f.DEFINE_float, "hflip_prob", 0.5, "Horizontal flip probability.")

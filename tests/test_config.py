@@ -73,11 +73,20 @@ def test_resolved_flagfile_round_trips():
     (["--normalization=mnist"], "--normalization=mnist"),
     (["--loss_spike_factor=0.5"], "--loss_spike_factor=0.5: must be 0 (off) or > 1"),
     (["--loss_spike_window=2"], "--loss_spike_window=2: must be >= 5"),
+    (["--data_service=local"], "--data_service=local: expected grpc://host:port"),
+    (["--data_service=h:5050"], "--data_service=h:5050: needs image files its workers read"),
+    (["--data_service=h:5050", "--dataset=images", "--data_dir=/x", "--cache"],
+     "--data_service=h:5050: and --cache exclude each other"),
 ])
 def test_bad_values_name_the_flag(args, message):
   with pytest.raises(errors.ConfigError) as info:
     parse(*args)
   assert message in str(info.value)
+
+
+def test_a_data_service_address_gets_its_protocol():
+  cfg = parse("--dataset=images", "--data_dir=/x", "--data_service=host:5050")
+  assert cfg.data.data_service == "grpc://host:5050"
 
 
 def test_resume_compatibility_names_the_changed_flag(tmp_path):

@@ -337,6 +337,17 @@ def element_stream(source, *, global_batch_size, seed, shuffle_buffer=10000,
   return ds, encoded
 
 
+def views_of(image_size, views, mean, std):
+  """(uint8 image, label, element seed) -> (both views stacked, label)."""
+  def make_views(image, label, element_seed):
+    # uint8 in: each view converts only its crop to float.
+    base = tf.stack([element_seed, tf.constant(0, tf.int64)])
+    seeds = tf.unstack(tf.random.experimental.stateless_split(base, num=2))
+    return tf.stack(augment.augment_views(image, image_size, views, mean, std,
+                                          seeds)), label
+  return make_views
+
+
 def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
                      seed, shuffle_buffer=10000, deterministic=False, skip_batches=0,
                      input_context=None):
@@ -367,24 +378,90 @@ def two_view_dataset(source, *, global_batch_size, image_size, views, mean, std,
   if encoded:
     ds = decode_skipping_errors(ds, True if deterministic else None,
                                 are_paths=source.encoded_are_paths)
-  view1, view2 = views
-
-  def make_views(image, label, element_seed):
-    # uint8 in: each view converts only its crop to float.
-    base = tf.stack([element_seed, tf.constant(0, tf.int64)])
-    s1, s2 = tf.unstack(tf.random.experimental.stateless_split(base, num=2))
-    return tf.stack(augment.augment_views(image, image_size, (view1, view2), mean, std,
-                                          (s1, s2))), label
-
   # Parallel maps keep their output order unless told otherwise, and each element
   # carries its own seed: the stream is reproducible in either case; `deterministic`
   # only forbids tf.data from relaxing the order for speed.
-  ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE,
+  ds = ds.map(views_of(image_size, views, mean, std), num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True if deterministic else None)
   batch = (input_context.get_per_replica_batch_size(global_batch_size)
            if input_context is not None else global_batch_size)
   ds = ds.batch(batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------
+# Feeding from a tf.data service.
+# ----------------------------------------------------------------------------
+
+# Elements a tf.data service worker takes from the dispatcher at once.
+SERVICE_CHUNK = 64
+
+
+def indexed_elements(source, seed, first=0, chunk=SERVICE_CHUNK):
+  """(path, label, element seed) of the global elements first, first + 1, ...
+
+  Element i belongs to epoch e = i // N, which holds every image once, in the order
+  of a permutation drawn from (seed, e) (`index_shuffle`); its augmentation seed is
+  drawn from (seed, i). Both are functions of the index alone, so any worker can make
+  any element. The stream's source is a range of chunk numbers: what a tf.data
+  service's dispatcher splits among its workers.
+  """
+  scan = source.scans[0]       # the training split's files
+  paths = tf.constant(scan.paths)
+  labels = tf.constant(scan.labels, tf.int64)
+  n = len(scan.paths)
+  epoch_key = tf.constant([seed, 1], tf.int64)
+  element_key = tf.constant([seed, 2], tf.int64)
+
+  def element(i):
+    order = tf.random.experimental.stateless_fold_in(epoch_key, i // n)
+    j = tf.random.experimental.index_shuffle(i % n, order, n - 1)
+    element_seed = tf.random.stateless_uniform(
+        [], seed=tf.random.experimental.stateless_fold_in(element_key, i),
+        minval=None, maxval=None, dtype=tf.int64)
+    return tf.gather(paths, j), tf.gather(labels, j), element_seed
+
+  chunks = tf.data.Dataset.range(first // chunk, 2**62 // chunk)
+  ds = chunks.flat_map(lambda c: tf.data.Dataset.range(c * chunk, (c + 1) * chunk))
+  return ds.filter(lambda i: i >= first).map(element)
+
+
+def service_two_view_dataset(source, *, service, job_name, global_batch_size,
+                             image_size, views, mean, std, seed, skip_batches=0,
+                             input_context=None):
+  """`two_view_dataset` with the reading, decoding and augmentation done by the
+  workers of a tf.data service (`service`: its dispatcher, grpc://host:port), which
+  split the stream of `indexed_elements` among them (dynamic sharding); batches
+  are made here. The trainers of one run share the job `job_name`, so each element
+  goes to one of them.
+
+  Which images an epoch holds and each image's augmentation are functions of `seed`
+  and the element's index, whatever the number of workers; the order in which
+  elements arrive, and so which batch holds them, is the order the workers finish
+  them in.
+  """
+  ds = indexed_elements(source, seed, first=skip_batches * global_batch_size)
+  ds = decode_skipping_errors(ds)
+  ds = ds.map(views_of(image_size, views, mean, std), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.prefetch(tf.data.AUTOTUNE).apply(tf.data.experimental.service.distribute(
+      processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+      service=service, job_name=job_name))
+  batch = (input_context.get_per_replica_batch_size(global_batch_size)
+           if input_context is not None else global_batch_size)
+  return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def check_data_service(address, timeout=5.0):
+  """One line when no dispatcher answers at `address` (grpc://host:port)."""
+  host, _, port = address.split("://")[-1].rpartition(":")
+  try:
+    with socket.create_connection((host, int(port)), timeout=timeout):
+      return
+  except (OSError, ValueError) as e:
+    raise errors.DataError(
+        f"--data_service={address}: no tf.data service dispatcher answers there "
+        f"({type(e).__name__}: {e}); start one with `python -m corinfomax_tf.data_service "
+        "--role=dispatcher` (README: Feeding training from a tf.data service)") from None
 
 
 def eval_dataset(ds, *, batch_size, image_size, mean, std):

@@ -8,6 +8,7 @@ result; this module owns what is particular to pretraining: the strategy, the
 two-view stream that resumes exactly, the callbacks, and the end-of-training probes.
 """
 
+import hashlib
 import os
 import re
 import sys
@@ -152,6 +153,10 @@ class PretrainingJob:
       for section in RESUME_SECTIONS:
         self.workdir.check_compatible(saved.get(section, {}), now[section],
                                       ignore=RESUME_IGNORED)
+    if d.data_service:   # before the (possibly long) scan of the images
+      data_lib.check_data_service(d.data_service)
+      self.log(f"Training images are read, decoded and augmented by the tf.data service "
+               f"at {d.data_service}")
     self.source = data_lib.load_source(d.dataset, **d.source_kwargs())
     self.eval_source, self.no_eval_reason = None, None
     if self.chief:
@@ -315,6 +320,16 @@ class PretrainingJob:
     global batch (tf.data's auto-sharding would have every worker process all of it)."""
     from corinfomax_tf.data import datasets as data_lib
     cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
+    if d.data_service:
+      # A job per (run, start): a resumed run must not join its previous job.
+      job = "corinfomax_tf-%s-%d" % (
+          hashlib.sha1(os.path.realpath(t.workdir).encode()).hexdigest()[:12], start_step)
+      return self.strategy.distribute_datasets_from_function(
+          lambda input_context: data_lib.service_two_view_dataset(
+              self.source, service=d.data_service, job_name=job,
+              global_batch_size=t.batch_size, image_size=d.image_size,
+              views=(cfg.augment.view1, cfg.augment.view2), mean=d.mean, std=d.std,
+              seed=t.seed, skip_batches=start_step, input_context=input_context))
     return self.strategy.distribute_datasets_from_function(
         lambda input_context: data_lib.two_view_dataset(
             self.source, global_batch_size=t.batch_size, image_size=d.image_size,
