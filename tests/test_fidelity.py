@@ -43,19 +43,68 @@ def identity_eval(image, size):
   return augment.eval_view(image, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
-@pytest.mark.parametrize("key", ["eval32", "eval64", "eval224", "eval32_36x39",
-                                 "eval64_portrait"])
-def test_eval_transform_equals_torchvision(ref, key):
+EVAL_CASES = ("eval32", "eval64", "eval224", "eval32_36x39", "eval64_portrait")
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def eval_case(ref, key):
   image = ref["input_" + str(ref[key + "_input"])]
-  size = int(ref[key + "_size"])
-  ours = identity_eval(to_float(image), size).numpy()
-  assert ours.shape == ref[key].shape
-  diff = mean_abs(ours, ref[key])
+  return identity_eval(to_float(image), int(ref[key + "_size"])).numpy(), ref[key]
+
+
+def crop_cases(ref):
+  image = to_float(ref["input_img64"])
+  for box, want in zip(ref["crop64_boxes"], ref["crop64_to32"]):
+    top, left, h, w = (int(v) for v in box)
+    yield f"resized crop {h}x{w} -> 32", augment.resize(
+        image[top:top + h, left:left + w], (32, 32)).numpy(), want
+  top, left, h, w = (int(v) for v in ref["crop_photo_box"])
+  yield f"resized crop {h}x{w} -> 224", augment.resize(
+      to_float(ref["input_photo"])[top:top + h, left:left + w], (224, 224)).numpy(), \
+      ref["crop_photo_to224"]
+
+
+def jitter_cases(ref, op):
+  image = to_float(ref["input_img64"])
+  fn = getattr(augment, f"adjust_{op}")
+  for factor, want in zip(ref[f"{op}_factors"], ref[op]):
+    yield f"{op} {float(factor):g}", fn(image, float(factor)).numpy(), want
+
+
+def blur_cases(ref, key, name):
+  image = to_float(ref["input_" + name])
+  for sigma, want in zip(ref["blur_sigmas"], ref[key]):
+    yield (f"blur sigma {float(sigma):g} ({name})",
+           augment.gaussian_blur(image, float(sigma)).numpy(), want)
+
+
+def all_cases(ref):
+  """(name, ours in [0, 1], theirs uint8) for every op compared with torchvision."""
+  for key in EVAL_CASES:
+    yield (f"eval transform {key}", *eval_case(ref, key))
+  yield from crop_cases(ref)
+  image = to_float(ref["input_img64"])
+  yield "flip", augment.random_flip(image, 1.0, tf.constant([0, 0])).numpy(), ref["flip"]
+  for op in JITTER_OPS:
+    yield from jitter_cases(ref, op)
+  yield "grayscale", augment.grayscale(image).numpy(), ref["grayscale"]
+  yield from blur_cases(ref, "blur", "img64")
+  yield from blur_cases(ref, "blur32", "img32")
+  yield "solarize", augment.solarize(image).numpy(), ref["solarize"]
+
+
+@pytest.mark.parametrize("key", EVAL_CASES)
+def test_eval_transform_equals_torchvision(ref, key):
+  ours, want = eval_case(ref, key)
+  assert ours.shape == want.shape
+  diff = mean_abs(ours, want)
   assert diff <= MEAN_BOUND, (key, diff)
   # The same transform without the 8/7 resize (what eval_view did before) is far
   # off at the training size: the test tells the two apart.
+  image = ref["input_" + str(ref[key + "_input"])]
+  size = int(ref[key + "_size"])
   if image.shape[:2] == (size, size):
-    assert mean_abs(to_float(image).numpy(), ref[key]) > 4 * MEAN_BOUND
+    assert mean_abs(to_float(image).numpy(), want) > 4 * MEAN_BOUND
 
 
 def test_eval_size_truncates_as_the_reference():
@@ -69,15 +118,8 @@ def test_eval_transform_inside_tf_data_equals_eager(ref):
 
 
 def test_resized_crop_equals_torchvision(ref):
-  image = to_float(ref["input_img64"])
-  for box, want in zip(ref["crop64_boxes"], ref["crop64_to32"]):
-    top, left, h, w = (int(v) for v in box)
-    ours = augment.resize(image[top:top + h, left:left + w], (32, 32)).numpy()
-    assert mean_abs(ours, want) <= MEAN_BOUND, (box, mean_abs(ours, want))
-  top, left, h, w = (int(v) for v in ref["crop_photo_box"])
-  ours = augment.resize(to_float(ref["input_photo"])[top:top + h, left:left + w],
-                        (224, 224)).numpy()
-  assert mean_abs(ours, ref["crop_photo_to224"]) <= MEAN_BOUND
+  for name, ours, want in crop_cases(ref):
+    assert mean_abs(ours, want) <= MEAN_BOUND, (name, mean_abs(ours, want))
 
 
 def test_flip_grayscale_solarize_equal_torchvision(ref):
@@ -89,21 +131,29 @@ def test_flip_grayscale_solarize_equal_torchvision(ref):
                                 ref["solarize"])
 
 
-@pytest.mark.parametrize("op", ["brightness", "contrast", "saturation", "hue"])
+@pytest.mark.parametrize("op", JITTER_OPS)
 def test_colour_jitter_ops_equal_torchvision(ref, op):
-  image = to_float(ref["input_img64"])
-  fn = getattr(augment, f"adjust_{op}")
-  for factor, want in zip(ref[f"{op}_factors"], ref[op]):
-    ours = fn(image, float(factor)).numpy()
-    assert mean_abs(ours, want) <= MEAN_BOUND, (op, float(factor), mean_abs(ours, want))
+  for name, ours, want in jitter_cases(ref, op):
+    assert mean_abs(ours, want) <= MEAN_BOUND, (name, mean_abs(ours, want))
 
 
 @pytest.mark.parametrize("key, name", [("blur", "img64"), ("blur32", "img32")])
 def test_gaussian_blur_equals_pil(ref, key, name):
-  image = to_float(ref["input_" + name])
-  for sigma, want in zip(ref["blur_sigmas"], ref[key]):
-    ours = augment.gaussian_blur(image, float(sigma)).numpy()
-    assert mean_abs(ours, want) <= MEAN_BOUND, (key, float(sigma), mean_abs(ours, want))
+  for case, ours, want in blur_cases(ref, key, name):
+    assert mean_abs(ours, want) <= MEAN_BOUND, (case, mean_abs(ours, want))
+
+
+def test_the_photometric_ops_compiled_as_training_runs_them_equal_torchvision(ref):
+  """Training runs these ops compiled with XLA (augment.augment_views): the compiled
+  ops give the same figures."""
+  image = to_float(ref["input_img64"])
+  for op in JITTER_OPS:
+    fn = tf.function(getattr(augment, f"adjust_{op}"), jit_compile=True)
+    for factor, want in zip(ref[f"{op}_factors"], ref[op]):
+      assert mean_abs(fn(image, tf.constant(float(factor))).numpy(), want) <= MEAN_BOUND
+  blur = tf.function(augment.gaussian_blur, jit_compile=True)
+  for sigma, want in zip(ref["blur_sigmas"], ref["blur"]):
+    assert mean_abs(blur(image, tf.constant(float(sigma))).numpy(), want) <= MEAN_BOUND
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (64, 64), (375, 500), (100, 9)])
@@ -112,12 +162,11 @@ def test_crop_sampler_draws_from_torchvisions_distribution(ref, shape):
   boxes against torchvision's get_params draws (two-sample KS tests, fixed seeds)."""
   theirs = ref["crop_params_%dx%d" % shape].astype(np.float64)
   n = len(theirs)
-  boxes = tf.map_fn(
-      lambda s: tf.stack(augment.random_resized_crop_box(
-          shape[0], shape[1], (0.08, 1.0), (3 / 4, 4 / 3), s)),
-      tf.stack([tf.range(n, dtype=tf.int64), tf.fill([n], tf.constant(11, tf.int64))], 1),
-      fn_output_signature=tf.int32)
-  ours = boxes.numpy().astype(np.float64)
+  seeds = tf.data.Dataset.range(n).map(lambda i: tf.stack([i, tf.constant(11, tf.int64)]))
+  boxes = seeds.map(lambda s: tf.stack(augment.random_resized_crop_box(
+      shape[0], shape[1], (0.08, 1.0), (3 / 4, 4 / 3), s)),
+      num_parallel_calls=tf.data.AUTOTUNE).batch(n)
+  ours = next(iter(boxes)).numpy().astype(np.float64)
 
   def features(p):
     top, left, h, w = p.T
@@ -130,3 +179,13 @@ def test_crop_sampler_draws_from_torchvisions_distribution(ref, shape):
   # The sliver falls back to the central crop in the same share of draws.
   full = lambda p: np.mean((p[:, 2] == shape[0]) & (p[:, 3] == shape[1]))
   assert abs(full(ours) - full(theirs)) < 0.03
+
+
+if __name__ == "__main__":
+  # The figures: python tests/test_fidelity.py
+  with np.load(FIXTURES) as data:
+    fixtures = dict(data)
+  print(f"{'op':42s} mean |diff| (0-255)  max |diff|")
+  for case, ours, want in all_cases(fixtures):
+    diff = np.abs(to_255(ours) - want.astype(np.float64))
+    print(f"{case:42s} {diff.mean():8.3f}            {diff.max():6.1f}")
