@@ -1,13 +1,17 @@
 """Pure image ops for the two-view augmentation, with explicit arguments and seeds.
 
-Every op takes one float32 image in [0, 1] of shape (H, W, 3) and a stateless seed
-(a shape-[2] int tensor), so that the pipeline is reproducible and parallel maps
-stay deterministic. They run eagerly and inside tf.data alike (the tests check both).
+Every op takes one float32 image in [0, 1] of shape (H, W, 3) and, where it draws,
+a stateless seed (a shape-[2] int tensor), so that the pipeline is reproducible and
+parallel maps stay deterministic. They run eagerly and inside tf.data alike (the
+tests check both), and each equals the authors' torchvision/PIL op within
+interpolation noise (tests/test_fidelity.py).
 
 The composition follows the authors' torchvision pipeline:
 random resized crop (bicubic) -> horizontal flip -> colour jitter (random order of
 brightness, contrast, saturation, hue) with p -> grayscale with p -> Gaussian blur
-with p -> solarisation with p -> per-channel normalisation.
+with p -> solarisation with p -> per-channel normalisation. `augment_views` draws
+every random number of a view first (`view_params`), crops and resizes, then runs the
+rest on the fixed-size crops in one XLA-compiled call (`photometric`).
 """
 
 import dataclasses
@@ -82,11 +86,14 @@ def random_resized_crop_box(height, width, scale, ratio, seed, attempts=10):
 
 
 def random_resized_crop(image, size, scale, ratio, seed):
-  """Crop a random region and resize it to (size, size) with bicubic interpolation."""
+  """Crop a random region and resize it to (size, size) with bicubic interpolation.
+  A uint8 image is converted to float after cropping (the same values, less work)."""
   shape = tf.shape(image)
   top, left, ch, cw = random_resized_crop_box(shape[0], shape[1], scale, ratio, seed)
   crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, 3]))
-  return resize(crop, (size, size))
+  if crop.dtype != tf.float32:
+    crop = to_float(crop)
+  return tf.ensure_shape(resize(crop, (size, size)), (size, size, 3))
 
 
 def crop_and_flip(image_uint8, size, crop_min_scale, hflip_prob, element_seed, salt):
@@ -313,15 +320,10 @@ def augment_views(image, size, views, mean, std, seeds, compiled=True):
   same ops, equal up to float rounding).
   """
   crops, params = [], []
-  shape = tf.shape(image)
   for view, seed in zip(views, seeds):
     crop_seed, p = view_params(view, seed)
-    top, left, ch, cw = random_resized_crop_box(shape[0], shape[1], view.crop_scale,
-                                                view.crop_ratio, crop_seed)
-    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, 3]))
-    if crop.dtype != tf.float32:
-      crop = to_float(crop)
-    crops.append(tf.ensure_shape(resize(crop, (size, size)), (size, size, 3)))
+    crops.append(random_resized_crop(image, size, view.crop_scale, view.crop_ratio,
+                                     crop_seed))
     params.append(p)
   mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
   if compiled:
