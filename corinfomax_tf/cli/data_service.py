@@ -38,17 +38,10 @@ def define_flags():
                       "dispatcher resumes its jobs (fault tolerance).")
 
 
-def _reachable(address, timeout=5.0):
-  host, _, port = address.rpartition(":")
-  try:
-    with socket.create_connection((host, int(port)), timeout=timeout):
-      return True
-  except (OSError, ValueError):
-    return False
-
-
 def main(f):
   import tensorflow as tf
+
+  from corinfomax_tf.data import datasets
   service = tf.data.experimental.service
   if f.port < 0 or f.port > 65535:
     raise errors.ConfigError(f"--port={f.port}: must be in [0, 65535]")
@@ -64,8 +57,9 @@ def main(f):
     address = f.dispatcher.split("://")[-1]
     if not address:
       raise errors.ConfigError("--dispatcher is required with --role=worker (host:port)")
+    host, _, port = address.rpartition(":")
     deadline = time.monotonic() + f.wait_for_dispatcher
-    while not _reachable(address):
+    while not datasets.tcp_reachable(host, port):
       if time.monotonic() > deadline:
         raise errors.ConfigError(f"--dispatcher={f.dispatcher}: nothing answered there for "
                                  f"{f.wait_for_dispatcher} s; start the dispatcher first")

@@ -110,13 +110,17 @@ def _network_probe():
     raise errors.DataError(f"{NETWORK_PROBE_ENV}={value}: expected host:port") from None
 
 
-def _network_reachable(timeout=5.0):
-  host, port = _network_probe()
+def tcp_reachable(host, port, timeout=5.0):
+  """Whether a TCP connection to host:port opens within `timeout` seconds."""
   try:
-    with socket.create_connection((host, port), timeout=timeout):
+    with socket.create_connection((host, int(port)), timeout=timeout):
       return True
-  except OSError:
+  except (OSError, ValueError):
     return False
+
+
+def _network_reachable(timeout=5.0):
+  return tcp_reachable(*_network_probe(), timeout=timeout)
 
 
 def _prepare_by_hand(name, where):
@@ -454,14 +458,11 @@ def service_two_view_dataset(source, *, service, job_name, global_batch_size,
 def check_data_service(address, timeout=5.0):
   """One line when no dispatcher answers at `address` (grpc://host:port)."""
   host, _, port = address.split("://")[-1].rpartition(":")
-  try:
-    with socket.create_connection((host, int(port)), timeout=timeout):
-      return
-  except (OSError, ValueError) as e:
+  if not tcp_reachable(host, port, timeout):
     raise errors.DataError(
-        f"--data_service={address}: no tf.data service dispatcher answers there "
-        f"({type(e).__name__}: {e}); start one with `python -m corinfomax_tf.data_service "
-        "--role=dispatcher` (README: Feeding training from a tf.data service)") from None
+        f"--data_service={address}: no tf.data service dispatcher answers there; start "
+        "one with `python -m corinfomax_tf.data_service --role=dispatcher` (README: "
+        "Feeding training from a tf.data service)")
 
 
 def eval_dataset(ds, *, batch_size, image_size, mean, std):
