@@ -102,3 +102,18 @@ def is_chief(strategy):
   return task_type is None or task_type == "chief" or (
       task_type == "worker" and task_id == 0 and
       "chief" not in resolver.cluster_spec().as_dict())
+
+
+def value_of_first_replica(strategy, value):
+  """`value` (an integer) as the process holding replica 0 passes it, on every
+  worker: each worker passes its own, only replica 0's counts (one all-reduce)."""
+  import tensorflow as tf
+
+  def contribution():
+    ctx = tf.distribute.get_replica_context()
+    first = tf.equal(ctx.replica_id_in_sync_group, 0)
+    return tf.where(first, tf.constant(value, tf.int64), tf.constant(0, tf.int64))
+  @tf.function
+  def total():
+    return strategy.reduce("SUM", strategy.run(contribution), axis=None)
+  return int(total())

@@ -10,6 +10,7 @@ two-view stream that resumes exactly, the callbacks, and the end-of-training pro
 
 import hashlib
 import os
+import random
 import re
 import sys
 
@@ -319,11 +320,17 @@ class PretrainingJob:
     worker builds its own pipeline and decodes and augments only its part of each
     global batch (tf.data's auto-sharding would have every worker process all of it)."""
     from corinfomax_tf.data import datasets as data_lib
+    from corinfomax_tf.training import distribute
     cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
     if d.data_service:
-      # A job per (run, start): a resumed run must not join its previous job.
-      job = "corinfomax_tf-%s-%d" % (
-          hashlib.sha1(os.path.realpath(t.workdir).encode()).hexdigest()[:12], start_step)
+      # A job per launch and start: a resumed or retried run must not join the job of
+      # an earlier process, which has moved past the checkpoint. The workers of one
+      # run agree on the chief's number.
+      launch = distribute.value_of_first_replica(
+          self.strategy, random.SystemRandom().randrange(1, 2**62))
+      job = "corinfomax_tf-%s-%d-%d" % (
+          hashlib.sha1(os.path.realpath(t.workdir).encode()).hexdigest()[:12], launch,
+          start_step)
       return self.strategy.distribute_datasets_from_function(
           lambda input_context: data_lib.service_two_view_dataset(
               self.source, service=d.data_service, job_name=job,
