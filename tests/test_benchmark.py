@@ -69,6 +69,8 @@ def test_input_only_times_decode_and_the_two_view_pipeline(tmp_path):
   r = runs[0]
   assert r["jpeg_decode_images_per_s_per_core"] > 0
   assert r["imagenet_like_images_per_s_per_core"] > 0
+  assert r["jpeg_decode_images_per_cpu_s"] > 0 and r["imagenet_like_images_per_cpu_s"] > 0
+  assert len(r["imagenet_like_images_per_s_per_core_per_round"]) == r["rounds"]
   ratios = r["ratio_to_decode_per_round"]
   assert len(ratios) == r["rounds"] and min(ratios) <= r["ratio_to_decode"] <= max(ratios)
   assert r["folder_images"] == 6 and r["folder"].startswith(str(tmp_path))
@@ -77,3 +79,23 @@ def test_input_only_times_decode_and_the_two_view_pipeline(tmp_path):
   from PIL import Image
   with Image.open(os.path.join(r["folder"], jpegs[0])) as im:
     assert im.format == "JPEG" and min(im.size) >= 300
+
+
+def test_wide_cpu_vectors_are_asked_of_xla_only_on_avx512_and_never_over_the_users(
+    tmp_path, monkeypatch):
+  from corinfomax_tf.cli import runner
+  avx512, avx2 = tmp_path / "avx512", tmp_path / "avx2"
+  avx512.write_text("flags\t\t: fpu sse avx2 avx512f avx512bw\n")
+  avx2.write_text("flags\t\t: fpu sse avx2 fma\n")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  runner.prefer_wide_cpu_vectors(str(avx512))
+  assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_prefer_vector_width=512"
+  runner.prefer_wide_cpu_vectors(str(avx512))     # once only
+  assert os.environ["XLA_FLAGS"].count("prefer_vector_width") == 1
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
+  runner.prefer_wide_cpu_vectors(str(avx512))
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=256"
+  monkeypatch.delenv("XLA_FLAGS")
+  runner.prefer_wide_cpu_vectors(str(avx2))
+  runner.prefer_wide_cpu_vectors(str(tmp_path / "missing"))
+  assert "XLA_FLAGS" not in os.environ

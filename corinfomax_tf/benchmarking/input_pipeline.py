@@ -58,28 +58,41 @@ def imagenet_like_folder(count, seed=0, root=None):
   return root
 
 
-def _rate(dataset, images_per_element, elements):
-  """Images/s over `elements` elements of a fresh iterator, after one untimed element
-  (start-up, thread pools, autotuning). The iterator is dropped afterwards, so that
-  its background threads do not compete with the next timing."""
+def _rates(dataset, images_per_element, elements):
+  """(images per wall-clock second, images per CPU second of this process) over
+  `elements` elements of a fresh iterator, after one untimed element (start-up,
+  thread pools, autotuning). The iterator is dropped afterwards, so that its
+  background threads do not compete with the next timing.
+
+  The CPU-time rate counts the work an image costs, whatever the share of the cores
+  the process got: on a shared machine it varies less than the wall-clock rate."""
   it = iter(dataset)
   next(it)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for _ in range(elements):
     next(it)
-  rate = elements * images_per_element / (time.perf_counter() - start)
+  images = elements * images_per_element
+  rates = (images / (time.perf_counter() - start), images / (time.process_time() - cpu))
   del it
-  return rate
+  return rates
+
+
+def _rate(dataset, images_per_element, elements):
+  return _rates(dataset, images_per_element, elements)[0]
 
 
 def alternating_rates(datasets, images_per_element, elements, rounds=5):
-  """{name: [images/s per round]}: the pipelines timed in turn, round after round, so
-  that a machine whose speed drifts (shared or throttled cores) affects all alike."""
-  rates = {name: [] for name in datasets}
+  """{name: [images/s per round]} and {name: [images per CPU second per round]}: the
+  pipelines timed in turn, round after round, so that a machine whose speed drifts
+  (shared or throttled cores) affects all alike."""
+  wall = {name: [] for name in datasets}
+  cpu = {name: [] for name in datasets}
   for _ in range(rounds):
     for name, ds in datasets.items():
-      rates[name].append(_rate(ds, images_per_element, elements))
-  return rates
+      w, c = _rates(ds, images_per_element, elements)
+      wall[name].append(w)
+      cpu[name].append(c)
+  return wall, cpu
 
 
 def decode_dataset(paths, batch_size):
@@ -107,23 +120,28 @@ def time_input_only(cfg, *, batch_size=64, batches=10, images=256, rounds=5, roo
       source, global_batch_size=batch_size, image_size=cfg.data.image_size,
       views=(cfg.augment.view1, cfg.augment.view2), mean=cfg.data.mean,
       std=cfg.data.std, seed=0)
-  rates = alternating_rates({"decode": decode_dataset(paths, batch_size),
-                             "two_view": two_view}, batch_size, batches, rounds)
+  rates, cpu_rates = alternating_rates({"decode": decode_dataset(paths, batch_size),
+                                       "two_view": two_view}, batch_size, batches, rounds)
   ratios = [t / d for t, d in zip(rates["two_view"], rates["decode"])]
   decode, two_view = (float(np.median(rates[k])) for k in ("decode", "two_view"))
+  cpu_decode, cpu_two_view = (float(np.median(cpu_rates[k])) for k in ("decode", "two_view"))
   return {
       "imagenet_like_images_per_s_per_core": two_view / cores,
       "jpeg_decode_images_per_s_per_core": decode / cores,
       "ratio_to_decode": float(np.median(ratios)),
       "ratio_to_decode_per_round": ratios,
       "imagenet_like_images_per_s": two_view, "jpeg_decode_images_per_s": decode,
+      "imagenet_like_images_per_cpu_s": cpu_two_view,
+      "jpeg_decode_images_per_cpu_s": cpu_decode,
+      "imagenet_like_images_per_s_per_core_per_round": [r / cores for r in rates["two_view"]],
       "cores": cores, "image_size": cfg.data.image_size, "batch_size": batch_size,
       "timed_images_per_round": batch_size * batches, "rounds": rounds,
       "folder": folder, "folder_images": len(paths),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "method": "decode and two-view pipelines timed in turn, each round on a fresh "
                 "iterator after one untimed batch; medians over the rounds (the ratio: "
                 "median of the per-round ratios); tf.data parallel maps (AUTOTUNE) over "
-                "all cores"}
+                "all cores; per CPU second: images over the process's CPU time"}
 
 
 def synthetic_source(image_size, count=4096):

@@ -89,9 +89,11 @@ def format_input_only(r):
       f"input only, {r['image_size']} px, {r['cores']} cores, {r['folder_images']} "
       f"ImageNet-like JPEGs in {r['folder']}",
       f"plain read + decode: {r['jpeg_decode_images_per_s']:.1f} images/s "
-      f"({r['jpeg_decode_images_per_s_per_core']:.1f} per core)",
+      f"({r['jpeg_decode_images_per_s_per_core']:.1f} per core; "
+      f"{r['jpeg_decode_images_per_cpu_s']:.1f} per CPU second)",
       f"two views per image: {r['imagenet_like_images_per_s']:.1f} images/s "
-      f"({r['imagenet_like_images_per_s_per_core']:.1f} per core), "
+      f"({r['imagenet_like_images_per_s_per_core']:.1f} per core; "
+      f"{r['imagenet_like_images_per_cpu_s']:.1f} per CPU second), "
       f"{r['ratio_to_decode']:.2f} of the decode rate"])
 
 

