@@ -109,3 +109,31 @@ def test_compiled_view_equals_the_same_ops_uncompiled_and_uint8_equals_float():
                                       compiled=False).numpy()
     np.testing.assert_allclose(compiled, plain, atol=2e-5)
     np.testing.assert_array_equal(plain, from_float)
+
+
+def test_closed_form_hue_equals_tensorflows_hsv_round_trip():
+  """The planar hue shift against tf.image.adjust_hue, on random pixels, grays,
+  pure and two-channel colours (every hue sector and its edges), eager and XLA."""
+  rs = np.random.RandomState(5)
+  edge = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1],
+                   [0.5, 0.5, 0.5], [0, 0, 0], [1, 1, 1], [0.2, 0.2, 0.9]], np.float32)
+  pixels = np.concatenate([rs.rand(246, 3).astype(np.float32), edge]).reshape(16, 16, 3)
+  x = tf.constant(pixels)
+  compiled = tf.function(augment.adjust_hue, jit_compile=True)
+  for delta in (-0.5, -0.1, -1e-3, 0.0, 0.05, 0.3, 0.5):
+    want = tf.clip_by_value(tf.image.adjust_hue(x, delta), 0.0, 1.0).numpy()
+    np.testing.assert_allclose(augment.adjust_hue(x, delta).numpy(), want, atol=2e-6)
+    np.testing.assert_allclose(compiled(x, tf.constant(delta)).numpy(), want, atol=2e-6)
+
+
+def test_planar_blur_equals_a_direct_separable_convolution():
+  """The blur on channel planes against numpy: edge-symmetric padding, 13 taps."""
+  x = image(23, 31).numpy()
+  for sigma in (0.1, 0.7, 2.0):
+    k = augment.gaussian_kernel(sigma).numpy().astype(np.float64)
+    r = (len(k) - 1) // 2
+    p = np.pad(x.astype(np.float64), [(r, r), (r, r), (0, 0)], mode="symmetric")
+    rows = sum(k[t] * p[t:t + 23] for t in range(2 * r + 1))
+    want = sum(k[t] * rows[:, t:t + 31] for t in range(2 * r + 1))
+    np.testing.assert_allclose(augment.gaussian_blur(tf.constant(x), sigma).numpy(), want,
+                               atol=1e-6)
