@@ -25,10 +25,11 @@ def prefer_wide_cpu_vectors(cpuinfo="/proc/cpuinfo"):
   if "xla_cpu_prefer_vector_width" in flags:
     return
   try:
-    with open(cpuinfo) as f:
-      wide = " avx512f" in f.read()
+    with open(cpuinfo) as f:   # every core lists the same flags: read the first
+      line = next((l for l in f if l.startswith("flags")), "")
   except OSError:
     return
+  wide = " avx512f" in line
   if wide:
     os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_prefer_vector_width=512").strip()
 

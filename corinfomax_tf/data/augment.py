@@ -12,7 +12,7 @@ brightness, contrast, saturation, hue) with p -> grayscale with p -> Gaussian bl
 with p -> solarisation with p -> per-channel normalisation. `augment_views` draws
 every random number of a view first (`view_params`), crops and resizes, then runs the
 rest on the fixed-size crops' channel planes in one XLA-compiled call
-(`photometric`).
+(`_photometric_planes`).
 """
 
 import dataclasses
@@ -186,7 +186,8 @@ def random_flip(image, prob, seed):
 # The photometric ops work on channel planes (3, H, W), each channel contiguous, so
 # that XLA's loops run along rows of pixels: with channels last every op strides by
 # 3 and the hue round trip ran 3x slower, the blur 2x. The public ops take and give
-# (H, W, 3) images and call the planar ones; `photometric` stays planar throughout.
+# (H, W, 3) images and call the planar ones; `_photometric_planes` stays planar
+# until its output.
 
 def _planes(image):
   return tf.transpose(image, [2, 0, 1])
@@ -361,19 +362,14 @@ def _when(flag, fn, image, prob):
 
 
 def _photometric_planes(x, params, view, mean, std):
+  """Flip, colour jitter, grayscale, blur, solarisation of a cropped view's channel
+  planes with its drawn parameters (`view_params`), then normalisation to (H, W, 3)."""
   x = tf.cond(params["flip"], lambda: tf.reverse(x, [2]), lambda: x)
   x = _when(params["jitter"], lambda im: _jitter_in_order(im, params), x, view.jitter_prob)
   x = _when(params["grayscale"], _grayscale, x, view.grayscale_prob)
   x = _when(params["blur"], lambda im: _blur(im, params["sigma"]), x, view.blur_prob)
   x = _when(params["solarize"], solarize, x, view.solarize_prob)
   return normalize(_pixels(x), mean, std)
-
-
-def photometric(image, params, view, mean, std):
-  """Flip, colour jitter, grayscale, blur, solarisation and normalisation of a
-  cropped float (H, W, 3) image, with drawn parameters (`view_params`), on its
-  channel planes."""
-  return _photometric_planes(_planes(image), params, view, mean, std)
 
 
 def _views_of_swapped(crops, params, views, mean, std):
