@@ -81,6 +81,10 @@ class AugmentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  # "resnet" (--depth, --stem, --width), resnet18/34/50, or a keras-hub preset (a
+  # directory, an export of ours, or a name keras-hub fetches).
+  backbone: str = "resnet"
+  backbone_config: str = ""       # JSON of keras.saving.serialize_keras_object
   depth: int = 18
   stem: str = "cifar"
   width: int = 64
@@ -123,6 +127,8 @@ class TrainConfig:
   cluster_resolver: str = "tf_config"
   slurm_port_base: int = 8888
   keep_checkpoints: int = 3
+  export: bool = False
+  export_dir: str = ""              # with export: "" is <workdir>/export
   loss_spike_factor: float = 0.0
   loss_spike_window: int = 50
   log_every_steps: int = 10
@@ -281,7 +287,22 @@ def _data_section(f):
 
 def _model_section(f):
   """(ModelConfig, projector output dimension D)."""
-  _check(f.depth in resnet.BLOCKS, "depth", f.depth, f"must be one of {sorted(resnet.BLOCKS)}")
+  from corinfomax_tf.models import factory
+  computed = {}
+  if f.backbone_config:
+    _check(f.backbone == "resnet", "backbone_config", f.backbone_config,
+           f"and --backbone={f.backbone} name two backbones; keep one")
+    factory.read_backbone_config(f.backbone_config)   # one line naming the file
+  elif factory.is_resnet(f.backbone) and factory.RESNETS[f.backbone]:
+    depth = factory.RESNETS[f.backbone]
+    _check(not _given(f, "depth") or f.depth == depth, "depth", f.depth,
+           f"contradicts --backbone={f.backbone}; keep one")
+    computed["depth"] = depth
+  elif not factory.is_resnet(f.backbone):
+    _check(bool(f.backbone.strip()), "backbone", "''",
+           "must name a backbone: resnet18, resnet34, resnet50 or a keras-hub preset")
+  depth = computed.get("depth", f.depth)
+  _check(depth in resnet.BLOCKS, "depth", f.depth, f"must be one of {sorted(resnet.BLOCKS)}")
   _check(f.stem in resnet.STEMS, "stem", f.stem, f"must be one of {resnet.STEMS}")
   _check(f.width >= 1, "width", f.width, "must be >= 1")
   try:
@@ -289,7 +310,7 @@ def _model_section(f):
   except ValueError:
     raise errors.ConfigError(f"--projector={f.projector}: must be positive integers joined "
                              "by '-', such as 2048-2048-64") from None
-  return _from_flags(ModelConfig, f), widths[-1]
+  return _from_flags(ModelConfig, f, **computed), widths[-1]
 
 
 def _loss_section(f, dim):

@@ -11,16 +11,32 @@ from absl import flags
 
 # Flags whose values are written into the workdir's resolved flagfile.
 _DEFINED = []
+# Where the pretraining flags are defined: absl's FLAGS, or a private FlagValues
+# while `defaults()` reads them.
+_TARGET = [flags.FLAGS]
 
 
 def _track(define, name, *args, **kwargs):
-  define(name, *args, **kwargs)
-  _DEFINED.append(name)
+  define(name, *args, flag_values=_TARGET[0], **kwargs)
+  if name not in _DEFINED:
+    _DEFINED.append(name)
+
+
+def defaults():
+  """{flag name: default} of every pretraining flag, without touching absl's FLAGS
+  (the Python API's `pretrain` starts from these)."""
+  values = flags.FlagValues()
+  _TARGET[0] = values
+  try:
+    define_flags()
+  finally:
+    _TARGET[0] = flags.FLAGS
+  return {name: values[name].default for name in values}
 
 
 def define_data_flags():
   """The data-set flags shared by training and the evaluation commands."""
-  if "dataset" in _DEFINED:
+  if "dataset" in _TARGET[0]:
     return
   f = flags
   # Data.
@@ -54,7 +70,7 @@ def define_data_flags():
 
 def define_flags():
   """Every flag of the pretraining command, in groups."""
-  if "depth" in _DEFINED:
+  if "depth" in _TARGET[0]:
     return
   define_data_flags()
   _define_input_and_augmentation_flags()
@@ -91,6 +107,14 @@ def _define_input_and_augmentation_flags():
 
 def _define_model_and_loss_flags():
   f = flags
+  _track(f.DEFINE_string, "backbone", "resnet",
+         "The encoder: resnet (our ResNet of --depth, --stem, --width), resnet18, "
+         "resnet34, resnet50, or a keras-hub preset with its weights (a preset "
+         "directory, an export of ours, or a name keras-hub fetches, such as "
+         "vit_base_patch16_224_imagenet): continued pretraining on your data.")
+  _track(f.DEFINE_string, "backbone_config", "",
+         "A JSON file of any keras-hub or Keras backbone, as "
+         "keras.saving.serialize_keras_object writes it (new random weights).")
   _track(f.DEFINE_integer, "depth", 18, "ResNet depth: 18, 34 or 50.")
   _track(f.DEFINE_string, "stem", "cifar", "ResNet stem: cifar or imagenet.")
   _track(f.DEFINE_integer, "width", 64, "Filters of the first ResNet stage (64 standard).")
@@ -141,6 +165,12 @@ def _define_run_flags():
   _track(f.DEFINE_integer, "num_cpu_devices", 0,
          "With --strategy=mirrored and no GPU: split the CPU into this many devices.")
   _track(f.DEFINE_integer, "keep_checkpoints", 3, "Checkpoints kept in the workdir.")
+  _track(f.DEFINE_bool, "export", False,
+         "After training, export the encoder (SavedModel + keras-hub preset) to "
+         "--export_dir and check it reloads (as `corinfomax export` does).")
+  _track(f.DEFINE_string, "export_dir", "",
+         "With --export: the export's path (a link to the newest step); empty: "
+         "<workdir>/export.")
   _track(f.DEFINE_float, "loss_spike_factor", 0.0,
          "Stop, keeping the last checkpoint, when a step's loss exceeds this many times "
          "the median of the previous --loss_spike_window steps (0: off).")
@@ -276,8 +306,27 @@ def flagfile_contradiction(argv):
   return None
 
 
+def packaged_flagfile(path):
+  """`path` itself, or, when no such file exists and `path` names one of the flagfiles
+  shipped in the package (`configs/<name>.cfg`), the shipped one: the README's
+  commands work from any directory once the package is installed."""
+  if os.path.exists(path):
+    return path
+  shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                         os.path.basename(path))
+  if os.path.normpath(os.path.dirname(path)) == "configs" and os.path.isfile(shipped):
+    return shipped
+  return path
+
+
+def _resolve_flagfiles(argv):
+  return [("--flagfile=" + packaged_flagfile(arg.split("=", 1)[1])
+           if arg.startswith("--flagfile=") else arg) for arg in argv]
+
+
 def parse_flags(argv):
   """absl's parser, with contradictions and parsing errors as one line naming the flag."""
+  argv = _resolve_flagfiles(argv)
   contradiction = flagfile_contradiction(argv)
   if contradiction:
     exit_with_error(contradiction)

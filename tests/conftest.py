@@ -8,7 +8,6 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 from corinfomax_tf.training import distribute  # noqa: E402
@@ -19,12 +18,6 @@ CPU_DEVICES = distribute.split_cpu(2)
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
-
-
-def pytest_configure(config):
-  config.addinivalue_line(
-      "markers", "slow: runs commands in subprocesses or trains for seconds; the quick "
-      "loop is `python -m pytest -q -m 'not slow' tests`")
 
 
 def pytest_collection_modifyitems(items):
@@ -40,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def trained(tmp_path_factory):
   """A smoke-trained workdir and its export, shared by the export, fine-tuning and
   detection tests."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
   def run(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True,

@@ -45,7 +45,7 @@ def assert_one_line_errors(module, common, cases, env, cwd):
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.cfg")
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def run_command(module, *args, timeout=300):

@@ -21,7 +21,7 @@ FIELDS = {"config", "device", "images_per_second", "ms_per_step", "traces", "los
 
 
 def benchmark(*args):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   result = subprocess.run(
       [sys.executable, "-m", "corinfomax_tf.benchmark", f"--flagfile={SMOKE}", "--json",
        "--warmup_steps=1", "--loss_dims=8,16", "--pipeline_batches=2", "--matmul_size=128",
@@ -56,7 +56,7 @@ def test_utilisation_is_measured_against_a_matmul_in_the_steps_compute_dtype():
 
 
 def test_input_only_times_decode_and_the_two_view_pipeline(tmp_path):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp_path))
   args = [sys.executable, "-m", "corinfomax_tf.benchmark", f"--flagfile={SMOKE}",
           "--input_only", "--json", "--input_images=6", "--input_batch_size=4",
           "--pipeline_batches=2"]

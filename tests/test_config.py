@@ -116,7 +116,7 @@ def test_linear_eval_flagfiles_parse():
       "  print(path, flags.FLAGS.epochs, flags.FLAGS.batch_size, flags.FLAGS.schedule)\n")
   result = subprocess.run([sys.executable, "-c", script, *LINEAR_CONFIGS],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=dict(os.environ))
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.strip().splitlines()
   assert len(lines) == len(LINEAR_CONFIGS) == 6
@@ -175,6 +175,6 @@ def test_downstream_flagfiles_parse_with_their_command(module, prefix, expected)
       "  print(path, flags.FLAGS.epochs)\n")
   result = subprocess.run([sys.executable, "-c", script, *paths],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=dict(os.environ))
   assert result.returncode == 0, result.stderr[-2000:]
   assert len(result.stdout.strip().splitlines()) == len(paths) == expected

@@ -18,7 +18,7 @@ from tests import helpers
 from corinfomax_tf import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def _map(predictions, ground_truths, num_classes=1):

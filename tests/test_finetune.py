@@ -19,7 +19,7 @@ from tests import helpers
 from corinfomax_tf import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def run_cli(*args, timeout=300):

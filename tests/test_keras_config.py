@@ -13,9 +13,21 @@ import pytest
 
 # Importing the modules registers their classes.
 from corinfomax_tf.method import losses  # noqa: F401
+from corinfomax_tf.method import model  # noqa: F401
 from corinfomax_tf.models import backbone  # noqa: F401
+from corinfomax_tf.models import pooling  # noqa: F401
 from corinfomax_tf.models import projector  # noqa: F401
 from corinfomax_tf.training import schedules  # noqa: F401
+
+
+def _pretraining_model():
+  tiny = backbone.CorInfoMaxBackbone(depth=18, width=2, image_size=8)
+  return dict(backbone=tiny,
+              projector=projector.Projector(input_dim=16, spec="8-4", name="projector"),
+              loss=losses.CorInfoMaxLoss(dim=4, alpha=7.0, name="corinfomax_loss"),
+              projector_bn=True, l2_normalize=False, sync_batch_norm=True,
+              probe_classes=3, probe_learning_rate=0.5, vector_logs=True)
+
 
 EXAMPLES = {
     "CorInfoMaxLoss": dict(dim=8, alpha=3.0, cov_weight=0.5, la_R=0.1, la_mu=0.2, eps=1e-6,
@@ -28,6 +40,8 @@ EXAMPLES = {
     "WarmupCosine": dict(base_lr=0.3, total_steps=100, warmup_steps=10,
                          warmup_start_lr=0.01, min_lr=1e-4, steps_per_update=3),
     "ReferenceSGD": dict(learning_rate=0.1, momentum=0.8, l2_weight_decay=1e-3),
+    "TokenPooling": dict(class_token=False),
+    "CorInfoMax": _pretraining_model(),
 }
 
 
@@ -45,18 +59,20 @@ def test_config_round_trips_every_constructor_argument(name):
   cls = registered()[name]
   kwargs = EXAMPLES[name]
   arguments = [p for p in inspect.signature(cls.__init__).parameters.values()
-               if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+               if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
   # The example sets every argument, each to a value other than its default.
   assert {p.name for p in arguments} - {"name"} == set(kwargs), name
   for p in arguments:
     if p.name in kwargs and p.default is not p.empty:
-      assert kwargs[p.name] != p.default, (name, p.name)
+      assert kwargs[p.name] is not p.default and kwargs[p.name] != p.default, (name, p.name)
   obj = cls(**kwargs)
   config = obj.get_config()
   for key, value in kwargs.items():
     got = config[key]
     if key == "dtype":  # keras-hub serialises the policy
       got = keras.dtype_policies.deserialize(got).name
+    if isinstance(value, keras.layers.Layer):  # nested objects: as Keras serialises them
+      value = keras.saving.serialize_keras_object(value)
     assert got == pytest.approx(value) if isinstance(value, float) else \
         got == value, (name, key, config.get(key))
   again = cls.from_config(config).get_config()

@@ -113,7 +113,7 @@ def _get(port, path):
 @pytest.mark.slow
 def test_a_real_tensorboard_server_lists_the_run(tmp_path):
   workdir = str(tmp_path / "run")
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   result = subprocess.run(
       [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
        f"--workdir={workdir}", "--monitor_every_steps=1", "--online_probe",

@@ -19,7 +19,7 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.cfg")
 
 
 def train(*args, timeout=300):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   return subprocess.run([sys.executable, "-m", "corinfomax_tf.train", *args],
                         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
@@ -127,7 +127,7 @@ def _assert_same_state(workdir, reference):
 
 
 def _start(workdir):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   args = [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
           f"--workdir={workdir}", "--epochs=8", "--steps_per_epoch=2", "--deterministic",
           "--probe_epochs=0"]
@@ -265,7 +265,7 @@ def _launch_workers(workdir, *args, ports=None):
   procs = []
   for index in range(2):
     tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, TF_CONFIG=tf_config)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=tf_config)
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
          f"--workdir={workdir}", "--strategy=multi_worker", "--probe_epochs=0", *args],
@@ -297,7 +297,7 @@ def test_two_workers_match_one_process_on_the_same_global_batch(tmp_path):
        f"--workdir={single_dir}", "--strategy=mirrored", "--num_cpu_devices=2",
        "--probe_epochs=0", *data_flags],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT))
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
   outputs = [p.communicate(timeout=300) for p in procs + [single]]
   for p, (out, err) in zip(procs + [single], outputs):
     assert p.returncode == 0, err[-3000:]
@@ -359,7 +359,7 @@ def test_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_path):
   # write fails with an error instead of killing it), as on a full disk.
   import resource
   workdir = str(tmp_path / "run")
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   args = [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
           f"--workdir={workdir}", "--epochs=4", "--probe_epochs=0"]
   proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,

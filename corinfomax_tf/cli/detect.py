@@ -17,6 +17,7 @@ import json
 
 from absl import flags
 
+from corinfomax_tf import errors
 from corinfomax_tf.cli import runner
 
 
@@ -71,6 +72,11 @@ def main(flag_values):
   from corinfomax_tf.models import detector as detector_lib
   from corinfomax_tf.models import factory
   encoder, metadata = saved_model.load_trainable_encoder(cfg.encoder)
+  if "stem" not in metadata["architecture"]:
+    raise errors.ConfigError(
+        f"--encoder={cfg.encoder}: detection builds its feature pyramid from our ResNet's "
+        f"stages, and this encoder is a {metadata['architecture'].get('backbone')} "
+        "(linear-eval, knn-eval, finetune and embed take any backbone)")
   detector_lib.check_settings(metadata["architecture"]["stem"], cfg.data.image_size,
                               cfg.min_level, cfg.max_level)
   if cfg.init == "random":

@@ -526,3 +526,106 @@ def load_split(dataset, split, **source_kwargs):
   else:
     ds = ds.map(lambda image, label: (image, label, tf.constant("")))
   return ds, count, source
+
+
+# ----------------------------------------------------------------------------
+# Any tf.data.Dataset of images (the Python API).
+# ----------------------------------------------------------------------------
+
+# The two views of the paper (and of the reference's CIFAR/ImageNet transforms).
+PAPER_VIEWS = (augment.ViewConfig(blur_prob=1.0, solarize_prob=0.0),
+               augment.ViewConfig(blur_prob=0.1, solarize_prob=0.2))
+
+
+def _image_and_label(element):
+  """An element of a user's dataset -> (uint8 image (H, W, 3), int64 label or -1)."""
+  label = tf.constant(-1, tf.int64)
+  if isinstance(element, dict):
+    if "image" not in element:
+      raise ValueError("A dataset of dicts needs an 'image' key (and optionally "
+                       f"'label'). Received: keys {sorted(element)}")
+    image, label = element["image"], element.get("label", label)
+  elif isinstance(element, (tuple, list)):
+    image, label = element[0], (element[1] if len(element) > 1 else label)
+  else:
+    image = element
+  if image.shape.rank != 3 or image.shape[-1] not in (1, 3, None):
+    raise ValueError("Expected images of shape (height, width, 3) or (height, width, 1), "
+                     f"one per element (unbatch a batched dataset). Received: shape "
+                     f"{tuple(image.shape)}")
+  if image.dtype != tf.uint8:
+    # Floats are taken as [0, 1] (what tf.image.convert_image_dtype gives).
+    image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
+  return _ensure_rgb(image), tf.cast(label, tf.int64)
+
+
+def source_from_dataset(images, *, name="python", num_images=None, num_classes=0):
+  """A `Source` of any finite tf.data.Dataset of single images: uint8 (or float in
+  [0, 1]) tensors (H, W, 3) or (H, W, 1), (image, label) pairs, or dicts with
+  "image" (and "label"), as tensorflow-datasets yields them. Images may differ in
+  size. Its length is the dataset's cardinality, or counted once when unknown."""
+  if not isinstance(images, tf.data.Dataset):
+    raise ValueError(f"Expected a tf.data.Dataset of images. Received: images={images!r}")
+  ds = images.map(lambda *element: _image_and_label(
+      element[0] if len(element) == 1 else element), num_parallel_calls=tf.data.AUTOTUNE)
+  count = num_images
+  if count is None:
+    cardinality = int(images.cardinality())
+    if cardinality == tf.data.INFINITE_CARDINALITY:
+      raise ValueError("Expected a finite dataset (one pass over the images; it is "
+                       "repeated here). Received: an infinite dataset")
+    count = cardinality if cardinality >= 0 else int(ds.reduce(0, lambda n, _: n + 1))
+  if count < 1:
+    raise ValueError(f"The dataset holds no images. Received: {count} elements")
+  return Source(name=name, train=ds, test=None, num_train=int(count), num_test=0,
+                num_classes=int(num_classes), in_memory=False)
+
+
+def normalization_of(normalization):
+  """("imagenet" | "cifar10" | ... | (mean, std)) -> (mean tuple, std tuple)."""
+  from corinfomax_tf import config as config_lib
+  if isinstance(normalization, str):
+    if normalization not in config_lib.NORMALIZATIONS:
+      raise ValueError(f"normalization must be one of {sorted(config_lib.NORMALIZATIONS)} "
+                       f"or (mean, std). Received: normalization={normalization!r}")
+    return config_lib.NORMALIZATIONS[normalization]
+  mean, std = normalization
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def two_views(images, *, image_size, batch_size, views=PAPER_VIEWS,
+              normalization="imagenet", seed=0, shuffle_buffer=10000, skip_batches=0):
+  """The CorInfoMax input pipeline on any tf.data.Dataset of images.
+
+  Shuffles (seeded, reshuffled each epoch), repeats, and gives every image two
+  augmented views (random resized crop to `image_size`, flip, colour jitter,
+  grayscale, blur, solarisation, as the paper's two views), normalised.
+
+  Args:
+    images: a finite tf.data.Dataset of single images (see `source_from_dataset`):
+      uint8 (H, W, 3), (image, label) pairs or {"image": ..., "label": ...} dicts.
+    image_size: the side of the square views.
+    batch_size: the global batch size (the remainder of an epoch is dropped).
+    views: two `ViewConfig`s (default: the paper's).
+    normalization: a name ("imagenet", "cifar10", "cifar100", "digits") or
+      (mean, std) per channel, for images in [0, 1].
+    seed: the seed of the order and of every augmentation.
+    shuffle_buffer: images in the shuffle buffer.
+    skip_batches: start after this many batches (what a resumed run needs).
+
+  Returns:
+    An infinite tf.data.Dataset of (views, labels): views float32
+    (batch, 2, image_size, image_size, 3), labels int64 (-1 without labels).
+
+  Example:
+  ```python
+  images = tf.data.Dataset.from_tensor_slices(uint8_array)   # (N, H, W, 3)
+  ds = corinfomax_tf.two_views(images, image_size=32, batch_size=256)
+  model.fit(ds, epochs=100, steps_per_epoch=len(uint8_array) // 256)
+  ```
+  """
+  mean, std = normalization_of(normalization)
+  source = images if isinstance(images, Source) else source_from_dataset(images)
+  return two_view_dataset(source, global_batch_size=batch_size, image_size=image_size,
+                          views=tuple(views), mean=mean, std=std, seed=seed,
+                          shuffle_buffer=shuffle_buffer, skip_batches=skip_batches)

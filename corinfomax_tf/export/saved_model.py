@@ -61,7 +61,14 @@ def restore_encoder(workdir, checkpoint=None):
   directory = os.path.join(workdir, "checkpoints")
   if checkpoint and not tf.io.gfile.exists(checkpoint + ".index"):
     raise errors.ExportError(f"--checkpoint={checkpoint}: no such checkpoint")
-  encoder = factory.encoder_from_architecture(config["model"])
+  # Any backbone: what rebuilds it is in architecture.json; workdirs of earlier
+  # releases (ResNets only) have none and name depth, stem and width in config.json.
+  architecture_path = os.path.join(workdir, factory.ARCHITECTURE_FILE)
+  architecture = config["model"]
+  if os.path.isfile(architecture_path):
+    with open(architecture_path) as fh:
+      architecture = json.load(fh)
+  encoder = factory.encoder_from_architecture(architecture)
   step = tf.Variable(0, dtype=tf.int64)
   # A reader: damaged checkpoints are skipped (with a warning), never moved.
   checkpoints = workdir_lib.Checkpoints(tf.train.Checkpoint(encoder=encoder, step=step),
@@ -74,11 +81,11 @@ def restore_encoder(workdir, checkpoint=None):
 
 
 def metadata_for(encoder, config, step, checkpoint_path=""):
+  from corinfomax_tf.models import factory
   data = config["data"]
   return {
       "format": FORMAT,
-      "architecture": {"depth": encoder.depth, "stem": encoder.stem,
-                       "width": encoder.width, "feature_dim": encoder.feature_dim},
+      "architecture": factory.architecture(encoder),
       "image_size": data["image_size"],
       "normalization": {"mean": list(data["mean"]), "std": list(data["std"])},
       "input": "serving_default: uint8 pixels; other endpoints: float32 in [0, 1]",
@@ -97,11 +104,11 @@ def metadata_for(encoder, config, step, checkpoint_path=""):
 def build_archive(backbone, metadata):
   """The SavedModel's endpoints: pooled features (the backbone ends with a feature
   map), the stage outputs, the metadata, and the variables."""
-  from corinfomax_tf.models import backbone as backbone_lib
+  from corinfomax_tf.models import pooling
   mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
   std = tf.constant(metadata["normalization"]["std"], tf.float32)
-  encoder = backbone_lib.pooled_model(backbone)
-  pyramid = backbone_lib.stage_model(backbone)
+  encoder = pooling.pooled_model(backbone)
+  pyramid = _pyramid_model(backbone)
   metadata_json = json.dumps(metadata, sort_keys=True)
 
   def normalize(images01):
@@ -111,7 +118,8 @@ def build_archive(backbone, metadata):
   any_float = [tf.TensorSpec([None, None, None, 3], tf.float32, name="images")]
   archive = keras.export.ExportArchive()
   archive.track(encoder)
-  archive.track(pyramid)
+  if pyramid is not None:
+    archive.track(pyramid)
   archive.add_endpoint(
       "serving_default",
       lambda images: {"features": encoder(normalize(tf.cast(images, tf.float32) / 255.0),
@@ -121,8 +129,10 @@ def build_archive(backbone, metadata):
       "serve_float",
       lambda images: {"features": encoder(normalize(images), training=False)},
       input_signature=any_float)
-  archive.add_endpoint("feature_maps", lambda images: pyramid(normalize(images), training=False),
-                       input_signature=any_float)
+  if pyramid is not None:
+    archive.add_endpoint("feature_maps",
+                         lambda images: pyramid(normalize(images), training=False),
+                         input_signature=any_float)
   archive.add_endpoint("call_inference", lambda images: encoder(normalize(images),
                                                                 training=False),
                        input_signature=any_float)
@@ -135,6 +145,18 @@ def build_archive(backbone, metadata):
   archive.add_variable_collection("non_trainable_variables",
                                   encoder.non_trainable_variables)
   return archive
+
+
+def _pyramid_model(backbone):
+  """{"P2": ..., ...} feature maps: our ResNet's stage outputs, a keras-hub
+  FeaturePyramidBackbone's pyramid; None for a backbone without one."""
+  from corinfomax_tf.models import backbone as backbone_lib
+  if isinstance(backbone, backbone_lib.CorInfoMaxBackbone):
+    return backbone_lib.stage_model(backbone)
+  outputs = getattr(backbone, "pyramid_outputs", None)
+  if not outputs:
+    return None
+  return keras.Model(backbone.input, dict(outputs), name=f"{backbone.name}_pyramid")
 
 
 def steps_dir(export_dir):
@@ -170,7 +192,8 @@ def write_export(backbone, metadata, export_dir, overwrite=False):
   os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
   with open(os.path.join(tmp, METADATA_FILE), "w") as fh:
     json.dump(metadata, fh, indent=2, sort_keys=True)
-  write_preset(backbone, metadata, os.path.join(tmp, PRESET_DIR))
+  if has_preset_support(backbone):
+    write_preset(backbone, metadata, os.path.join(tmp, PRESET_DIR))
   if os.path.exists(final):
     old = f"{final}.old-{os.getpid()}"
     os.rename(final, old)
@@ -180,6 +203,13 @@ def write_export(backbone, metadata, export_dir, overwrite=False):
     os.rename(tmp, final)
   _point_link(export_dir, os.path.relpath(final, os.path.dirname(export_dir) or "."))
   return final
+
+
+def has_preset_support(backbone):
+  """keras-hub presets hold keras-hub `Backbone`s (ours is one); a plain keras.Model
+  is exported as a SavedModel only."""
+  import keras_hub
+  return isinstance(backbone, keras_hub.models.Backbone)
 
 
 def write_preset(backbone, metadata, preset_dir):
@@ -195,14 +225,15 @@ def write_preset(backbone, metadata, preset_dir):
 
 
 def load_preset(path):
-  """(CorInfoMaxBackbone, export metadata) of an export's preset (or a preset dir)."""
+  """(keras-hub backbone, export metadata) of an export's preset (or a preset dir)."""
   import keras_hub
 
   from corinfomax_tf.models import backbone  # noqa: F401  (registers the class)
   preset = os.path.join(path, PRESET_DIR) if is_our_export(path) else path
   if not os.path.isfile(os.path.join(preset, "config.json")):
-    raise errors.ExportError(f"--encoder={path}: holds no keras-hub preset (exported "
-                             "before presets were written: export it again)")
+    raise errors.ExportError(f"--encoder={path}: holds no keras-hub preset (its backbone "
+                             "is not a keras-hub Backbone, or it was exported before "
+                             "presets were written)")
   with open(os.path.join(preset, "metadata.json")) as fh:
     metadata = json.load(fh)["corinfomax_tf"]
   return keras_hub.models.Backbone.from_preset(preset), metadata
@@ -259,6 +290,10 @@ class FrozenEncoder:
   def feature_dim(self):
     return self.metadata["architecture"]["feature_dim"]
 
+  @property
+  def architecture(self):
+    return self.metadata["architecture"]
+
   def __call__(self, images01, training=False):
     # Frozen: BatchNorm in inference mode whatever `training` says.
     return self._fn(images01)
@@ -274,10 +309,10 @@ def load_encoder(path):
     return FrozenEncoder(loaded.call_inference, metadata, loaded.trainable_variables,
                          owner=loaded)
   if os.path.isfile(os.path.join(path, "config.json")):
-    from corinfomax_tf.models import backbone as backbone_lib
+    from corinfomax_tf.models import pooling
     backbone, config, step, _ = restore_encoder(path)
     metadata = metadata_for(backbone, config, step)
-    encoder = backbone_lib.pooled_model(backbone)
+    encoder = pooling.pooled_model(backbone)
     mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
     std = tf.constant(metadata["normalization"]["std"], tf.float32)
 
@@ -290,7 +325,7 @@ def load_encoder(path):
 
 
 def load_trainable_encoder(path):
-  """(CorInfoMaxBackbone, metadata): a live, trainable encoder for fine-tuning, from
+  """(backbone, metadata): a live, trainable encoder for fine-tuning, from
   an export's keras-hub preset or a training workdir's checkpoint.
 
   The preset is checked against the SavedModel beside it (pooled features on a random
@@ -298,6 +333,8 @@ def load_trainable_encoder(path):
   takes normalised images (metadata["normalization"]) and returns its last feature map.
   """
   import numpy as np
+
+  from corinfomax_tf.models import pooling
   if not os.path.exists(path):
     raise errors.ExportError(f"--encoder={path}: does not exist")
   if os.path.isfile(os.path.join(path, "config.json")) and not is_our_export(path):
@@ -311,7 +348,7 @@ def load_trainable_encoder(path):
   std = tf.constant(metadata["normalization"]["std"], tf.float32)
   loaded = tf.saved_model.load(path)  # held: its function needs its variables
   want = loaded.call_inference(images).numpy()
-  got = np.mean(backbone((images - mean) / std, training=False), axis=(1, 2))
+  got = np.asarray(pooling.pool(backbone, backbone((images - mean) / std, training=False)))
   if not np.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max())):
     raise errors.ExportError(f"--encoder={path}: its preset does not reproduce the "
                              "SavedModel's features (max difference "
@@ -324,11 +361,12 @@ def export_workdir(workdir, export_dir, checkpoint="", overwrite=False):
   then proves the export reloads and computes what the live encoder computes.
   Returns (export path, step)."""
   import numpy as np
-  from corinfomax_tf.models import backbone as backbone_lib
+
+  from corinfomax_tf.models import pooling
   backbone, config, step, checkpoint = restore_encoder(workdir, checkpoint or None)
   metadata = metadata_for(backbone, config, step, checkpoint)
   path = write_export(backbone, metadata, export_dir, overwrite=overwrite)
-  encoder = backbone_lib.pooled_model(backbone)
+  encoder = pooling.pooled_model(backbone)
   size = metadata["image_size"]
   images = np.random.RandomState(0).randint(0, 256, (3, size, size, 3)).astype(np.uint8)
   loaded = tf.saved_model.load(path)
@@ -337,8 +375,9 @@ def export_workdir(workdir, export_dir, checkpoint="", overwrite=False):
   std = np.array(metadata["normalization"]["std"], np.float32)
   want = encoder((images.astype(np.float32) / 255.0 - mean) / std, training=False)
   np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
-  preset, _ = load_preset(path)
-  pooled = np.mean(preset((images.astype(np.float32) / 255.0 - mean) / std,
-                          training=False), axis=(1, 2))
-  np.testing.assert_allclose(pooled, got.numpy(), rtol=1e-4, atol=1e-5)
+  if has_preset_support(backbone):
+    preset, _ = load_preset(path)
+    pooled = pooling.pool(preset, preset((images.astype(np.float32) / 255.0 - mean) / std,
+                                         training=False))
+    np.testing.assert_allclose(np.asarray(pooled), got.numpy(), rtol=1e-4, atol=1e-5)
   return path, step

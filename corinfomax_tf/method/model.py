@@ -1,21 +1,33 @@
-"""The pretraining model: encoder + projector + CorInfoMax loss, with `train_step`."""
+"""The pretraining model: backbone + projector + CorInfoMax loss, with `train_step`."""
 
 import keras
 import tensorflow as tf
 
 from corinfomax_tf.training import distribute
 from corinfomax_tf.method import losses
+from corinfomax_tf.models import pooling
 from corinfomax_tf.models import projector as projector_lib
 from corinfomax_tf.models import factory
 
 METRIC_NAMES = ("loss", "attraction", "cov")
 
 
-class CorInfoMaxModel(keras.Model):
-  """Two views through one encoder and projector, then the CorInfoMax loss.
+@keras.saving.register_keras_serializable(package="corinfomax_tf")
+class CorInfoMax(keras.Model):
+  """CorInfoMax self-supervised pretraining of any backbone, as a `keras.Model`.
 
-  `call(images)` returns the encoder's pooled features (what is exported). The
-  training step:
+  Two augmented views go through one backbone and projector; the loss pulls the
+  views' projections together (attraction) and maximises the log-determinant of
+  their running covariance (the "big-bang" term that prevents collapse). `fit` takes
+  batches of both views stacked as (batch, 2, height, width, 3) (what
+  `corinfomax_tf.two_views` yields), alone or with labels (used only by the online
+  probe). `call(images)` returns the backbone's pooled features.
+
+  The backbone may be any `keras.Model` with one image input: a feature map output
+  is average-pooled, a token sequence gives its class token (or the token mean where
+  there is none), a vector is taken as it is (`corinfomax_tf.models.pooling`).
+
+  The training step:
     1. encodes and projects each view separately (BatchNorm statistics per view, as
        the reference's two forward passes give);
     2. gathers both projections over all replicas, so the loss and the covariance
@@ -25,16 +37,56 @@ class CorInfoMaxModel(keras.Model):
        one-device gradient of the global-batch loss;
     4. reports the unscaled terms through metrics it owns (Keras' own "loss"
        tracker is not used, so the logged value is the computed one).
+
+  Args:
+    backbone: a `keras.Model` taking normalised images (a keras-hub backbone, our
+      `CorInfoMaxBackbone`, or any model of yours).
+    projector: the projector's widths as "2048-2048-64" (the last one is the
+      dimension D of the covariance), or a layer or model of your own mapping
+      pooled features to [B, D].
+    loss: a `CorInfoMaxLoss`, a dict of its arguments (without `dim`), or None for
+      the paper's CIFAR setting (alpha 250, forgetting factors 0.01, eps 1e-8).
+    projector_bn: BatchNorm in the projector's hidden layers (a spec string only).
+    l2_normalize: L2-normalise the projector's outputs (a spec string only).
+    sync_batch_norm: synchronise the projector's BatchNorm across replicas.
+    probe_classes: >0 adds an online linear probe on stop-gradient features.
+    probe_learning_rate: the online probe's SGD learning rate.
+    vector_logs: shape-[1] logs (MultiWorkerMirroredStrategy's fit needs them).
+
+  Example:
+  ```python
+  import keras_hub, corinfomax_tf
+  backbone = keras_hub.models.ViTBackbone(
+      image_shape=(32, 32, 3), patch_size=4, num_layers=2, num_heads=2,
+      hidden_dim=64, mlp_dim=128)
+  model = corinfomax_tf.CorInfoMax(backbone, projector="256-256-64")
+  model.compile()   # the paper's SGD, warm-up and cosine, sized at fit
+  model.fit(corinfomax_tf.two_views(images, image_size=32, batch_size=64), epochs=2,
+            steps_per_epoch=10)
+  features = model.predict(normalised_images)
+  ```
   """
 
-  def __init__(self, encoder, projector, loss_layer, vector_logs=False,
-               probe_classes=0, probe_learning_rate=0.1, **kwargs):
+  def __init__(self, backbone, projector="2048-2048-64", loss=None, *, projector_bn=False,
+               l2_normalize=True, sync_batch_norm=False, probe_classes=0,
+               probe_learning_rate=0.1, vector_logs=False, **kwargs):
+    kwargs.setdefault("name", "corinfomax")
     super().__init__(**kwargs)
-    self.encoder = encoder
-    # The encoder ends with its last feature map (a keras-hub backbone): pooled here.
-    self.pool = keras.layers.GlobalAveragePooling2D(name="avg_pool")
-    self.projector = projector
-    self.loss_layer = loss_layer
+    if not isinstance(backbone, keras.Model):
+      raise ValueError("`backbone` must be a keras.Model taking images. Received: "
+                       f"backbone={backbone!r}")
+    self.encoder = backbone
+    self.pool = pooling.pooling_layer(backbone)
+    self.feature_dim = pooling.feature_dim(backbone)
+    self.projector = _projector(projector, self.feature_dim, projector_bn, l2_normalize,
+                                sync_batch_norm)
+    self.loss_layer = _loss_layer(loss, _output_dim(self.projector, self.feature_dim))
+    self.projector_bn = projector_bn
+    self.l2_normalize = l2_normalize
+    self.sync_batch_norm = sync_batch_norm
+    self.probe_classes = probe_classes
+    self.probe_learning_rate = probe_learning_rate
+    loss_layer = self.loss_layer
     # Online linear probe (optional): a linear head on stop-gradient pooled features
     # of view 1, trained by its own optimizer. It cannot change the encoder's
     # gradients: its input is cut from the graph and its loss is differentiated
@@ -42,7 +94,7 @@ class CorInfoMaxModel(keras.Model):
     self.probe_head = None
     if probe_classes:
       self.probe_head = keras.layers.Dense(probe_classes, name="online_probe")
-      self.probe_head.build((None, encoder.feature_dim))
+      self.probe_head.build((None, self.feature_dim))
       self.probe_optimizer = keras.optimizers.SGD(probe_learning_rate, momentum=0.9,
                                                   name="probe_sgd")
       self.probe_optimizer.build(self.probe_head.trainable_variables)
@@ -61,7 +113,76 @@ class CorInfoMaxModel(keras.Model):
     self.step_counter = keras.Variable(0, dtype="int64", trainable=False,
                                        name="step_counter",
                                        aggregation="only_first_replica")
+    self._pending_schedule = None
     self.built = True
+
+  @property
+  def backbone(self):
+    return self.encoder
+
+  def compile(self, optimizer="auto", *, learning_rate=0.5, momentum=0.9,
+              weight_decay=1e-4, warmup_epochs=10, warmup_start_lr=3e-3, min_lr=1e-6,
+              total_steps=None, warmup_steps=None, **kwargs):
+    """Configures training; the optimizer is built for the pretraining variables.
+
+    Args:
+      optimizer: "auto" (the paper's: PyTorch-semantics SGD with coupled weight
+        decay, a linear warm-up from `warmup_start_lr`, then a cosine to `min_lr`)
+        or any Keras optimizer (the other arguments are then ignored).
+      learning_rate: the base rate, for the global batch.
+      momentum, weight_decay: SGD momentum and coupled L2 weight decay.
+      warmup_epochs: warm-up length in epochs (used when `warmup_steps` is None).
+      warmup_start_lr, min_lr: the rate at step 0 and at the end of the cosine.
+      total_steps, warmup_steps: the schedule's length in steps; None: sized by the
+        first `fit` from its `epochs` and `steps_per_epoch` (or the dataset's
+        length).
+      **kwargs: passed to `keras.Model.compile` (`jit_compile`, ...).
+    """
+    from corinfomax_tf.training import schedules
+    self._pending_schedule = None
+    if isinstance(optimizer, str) and optimizer == "auto":
+      optimizer, schedule = schedules.reference_optimizer(
+          learning_rate, total_steps or 1, warmup_steps or 0, momentum=momentum,
+          weight_decay=weight_decay, warmup_start_lr=warmup_start_lr, min_lr=min_lr)
+      if total_steps is None:
+        self._pending_schedule = (schedule, warmup_epochs, warmup_steps)
+    super().compile(optimizer=optimizer, **kwargs)
+    self.optimizer.build(self.pretraining_variables)
+
+  def fit(self, x=None, y=None, epochs=1, steps_per_epoch=None, **kwargs):
+    """`keras.Model.fit`; the first call sizes a schedule `compile` left open."""
+    if self._pending_schedule is not None:
+      schedule, warmup_epochs, warmup_steps = self._pending_schedule
+      steps = steps_per_epoch or _finite_length(x)
+      if not steps:
+        raise ValueError(
+            "The learning-rate schedule needs the epoch's length: pass steps_per_epoch "
+            "to fit (or total_steps to compile). Received: steps_per_epoch="
+            f"{steps_per_epoch!r} and a dataset of unknown or infinite length")
+      schedule.total_steps = int(epochs) * int(steps)
+      schedule.warmup_steps = min(schedule.total_steps, int(
+          warmup_steps if warmup_steps is not None else warmup_epochs * steps))
+      self._pending_schedule = None
+    # The two-view pipeline shuffles (seeded, so that a resume sees the same stream).
+    kwargs.setdefault("shuffle", False)
+    return super().fit(x, y, epochs=epochs, steps_per_epoch=steps_per_epoch, **kwargs)
+
+  def get_config(self):
+    return {"name": self.name, "trainable": self.trainable,
+            "backbone": keras.saving.serialize_keras_object(self.encoder),
+            "projector": keras.saving.serialize_keras_object(self.projector),
+            "loss": keras.saving.serialize_keras_object(self.loss_layer),
+            "projector_bn": self.projector_bn, "l2_normalize": self.l2_normalize,
+            "sync_batch_norm": self.sync_batch_norm, "probe_classes": self.probe_classes,
+            "probe_learning_rate": self.probe_learning_rate,
+            "vector_logs": self.vector_logs}
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    for key in ("backbone", "projector", "loss"):
+      config[key] = keras.saving.deserialize_keras_object(config[key])
+    return cls(**config)
 
   @property
   def metrics(self):
@@ -80,8 +201,9 @@ class CorInfoMaxModel(keras.Model):
       super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
   def features(self, images, training=False):
-    """Pooled features of the encoder."""
-    return self.pool(self.encoder(images, training=training))
+    """Pooled features of the backbone, [B, F]."""
+    outputs = self.encoder(images, training=training)
+    return outputs if self.pool is None else self.pool(outputs)
 
   def call(self, images, training=False):
     return self.features(images, training=training)
@@ -134,7 +256,7 @@ class CorInfoMaxModel(keras.Model):
     online probe; sample weights have no meaning for the CorInfoMax loss."""
     views, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     if sample_weight is not None:
-      raise ValueError("CorInfoMaxModel takes no sample weights: the loss is over the "
+      raise ValueError("CorInfoMax takes no sample weights: the loss is over the "
                        "batch's covariance. Received: sample_weight="
                        f"{sample_weight!r}")
     if labels is None and self.probe_head is not None:
@@ -179,24 +301,71 @@ class CorInfoMaxModel(keras.Model):
     return logs
 
 
+def _finite_length(dataset):
+  """The number of batches of a finite tf.data.Dataset; None otherwise."""
+  if not isinstance(dataset, tf.data.Dataset):
+    return None
+  n = int(dataset.cardinality())
+  return n if n > 0 else None
+
+
+def _projector(projector, feature_dim, batch_norm, l2_normalize, sync_batch_norm):
+  if isinstance(projector, str):
+    try:
+      projector_lib.parse_projector_spec(projector)
+    except ValueError:
+      raise ValueError("`projector` must be positive widths joined by '-', such as "
+                       f"'2048-2048-64', or a layer. Received: projector={projector!r}"
+                       ) from None
+    return projector_lib.Projector(input_dim=feature_dim, spec=projector,
+                                   batch_norm=batch_norm, l2_normalize=l2_normalize,
+                                   sync_batch_norm=sync_batch_norm, name="projector")
+  if not isinstance(projector, keras.layers.Layer):
+    raise ValueError("`projector` must be a spec such as '2048-2048-64' or a Keras layer. "
+                     f"Received: projector={projector!r}")
+  return projector
+
+
+def _output_dim(projector, feature_dim):
+  dim = getattr(projector, "output_dim", None)
+  if dim is None:
+    dim = projector.compute_output_shape((None, feature_dim))[-1]
+  return int(dim)
+
+
+def _loss_layer(loss, dim):
+  if isinstance(loss, losses.CorInfoMaxLoss):
+    if loss.dim != dim:
+      raise ValueError(f"The loss's dim must be the projector's output dimension {dim}. "
+                       f"Received: loss.dim={loss.dim}")
+    return loss
+  if loss is not None and not isinstance(loss, dict):
+    raise ValueError("`loss` must be a CorInfoMaxLoss, a dict of its arguments or None. "
+                     f"Received: loss={loss!r}")
+  args = {"alpha": 250.0, **(loss or {})}
+  args.pop("dim", None)
+  return losses.CorInfoMaxLoss(dim=dim, name="corinfomax_loss", **args)
+
+
+# The name earlier releases gave the class.
+CorInfoMaxModel = CorInfoMax
+
+
 def split_views(data):
   """(B, 2, H, W, C) stacked views -> (view1, view2)."""
   return data[:, 0], data[:, 1]
 
 
 def build_pretraining_model(model_cfg, loss_cfg, sync_bn=False, vector_logs=False,
-                            probe_classes=0):
-  """Encoder, projector and loss layer from config objects (call inside a scope)."""
-  encoder = factory.encoder(model_cfg.depth, model_cfg.stem, model_cfg.width,
-                            sync_batch_norm=sync_bn)
-  projector = projector_lib.Projector(
-      input_dim=encoder.feature_dim, spec=model_cfg.projector,
-      batch_norm=model_cfg.projector_bn, l2_normalize=model_cfg.l2_normalize,
-      sync_batch_norm=sync_bn, name="projector")
-  loss_layer = losses.CorInfoMaxLoss(
-      dim=projector.output_dim, alpha=loss_cfg.alpha, cov_weight=loss_cfg.cov_weight,
-      la_R=loss_cfg.la_R, la_mu=loss_cfg.la_mu, eps=loss_cfg.eps, R_ini=loss_cfg.R_ini,
-      covariance=loss_cfg.covariance, name="corinfomax_loss")
-  model = CorInfoMaxModel(encoder, projector, loss_layer, vector_logs=vector_logs,
-                          probe_classes=probe_classes, name="corinfomax")
-  return model
+                            probe_classes=0, backbone=None, image_size=None):
+  """Backbone (built from `model_cfg` unless given), projector and loss layer from
+  config objects (call inside a strategy's scope)."""
+  if backbone is None:
+    backbone = factory.build(model_cfg, image_size=image_size, sync_batch_norm=sync_bn)
+  loss = {k: getattr(loss_cfg, k) for k in ("alpha", "cov_weight", "la_R", "la_mu",
+                                            "eps", "R_ini", "covariance")}
+  return CorInfoMax(backbone, projector=model_cfg.projector, loss=loss,
+                    projector_bn=model_cfg.projector_bn,
+                    l2_normalize=model_cfg.l2_normalize, sync_batch_norm=sync_bn,
+                    vector_logs=vector_logs, probe_classes=probe_classes,
+                    name="corinfomax")

@@ -74,12 +74,9 @@ class CorInfoMaxBackbone(FeaturePyramidBackbone):
 
 def pooled_model(backbone, name=None):
   """A model sharing the backbone's layers that returns globally average-pooled
-  features (its layers, names and order are those of the pooled encoder of earlier
-  versions: its checkpoints are theirs)."""
-  pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
-  model = keras.Model(backbone.input, pooled, name=name or backbone.name)
-  model.feature_dim = backbone.feature_dim
-  return model
+  features (`pooling.pooled_model`, which takes any backbone)."""
+  from corinfomax_tf.models import pooling
+  return pooling.pooled_model(backbone, name=name)
 
 
 def stage_model(backbone):

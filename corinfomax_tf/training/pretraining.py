@@ -65,6 +65,10 @@ def load_eval_source(cfg, train_source, log):
     log(f"Linear probe and kNN monitor skipped: {reason}")
     return None, reason
   if eval_cfg is d:
+    if not train_source.labelled:
+      reason = "the training images have no labels and no --eval_dataset names a labelled set"
+      log(f"Linear probe and kNN monitor skipped: {reason}")
+      return None, reason
     return train_source, None
   try:
     source = data_lib.load_source(eval_cfg.dataset, **eval_cfg.source_kwargs())
@@ -104,12 +108,21 @@ def _final_terms(history):
 
 
 class PretrainingJob:
-  """One pretraining run of a validated Config, in the phases its `run` lists."""
+  """One pretraining run of a validated Config, in the phases its `run` lists.
 
-  def __init__(self, cfg, flagfile_text=None, log=print):
+  `backbone` (optional): a keras.Model, or a function of no arguments returning one
+  (called inside the strategy's scope, as a multi-device run needs), used instead of
+  the backbone the config names. `source` (optional): a `datasets.Source` used
+  instead of the data set the config names (`datasets.source_from_dataset` makes one
+  of any tf.data.Dataset of images).
+  """
+
+  def __init__(self, cfg, flagfile_text=None, log=print, *, backbone=None, source=None):
     self.cfg = cfg
     self.flagfile_text = flagfile_text
     self.log = log
+    self.given_backbone = backbone
+    self.given_source = source
 
   def run(self):
     """The whole job; returns the summary dict (also written to summary.json)."""
@@ -132,6 +145,8 @@ class PretrainingJob:
         if "probe" in self.previous or t.probe_epochs == 0:
           return self.previous
       self.summary["step"] = int(self.model.step_counter.numpy())
+      if t.export and self.chief:
+        self.export()
       self.evaluate()
       return self.summarise()
 
@@ -158,7 +173,7 @@ class PretrainingJob:
       data_lib.check_data_service(d.data_service)
       self.log(f"Training images are read, decoded and augmented by the tf.data service "
                f"at {d.data_service}")
-    self.source = data_lib.load_source(d.dataset, **d.source_kwargs())
+    self.source = self.given_source or data_lib.load_source(d.dataset, **d.source_kwargs())
     self.eval_source, self.no_eval_reason = None, None
     if self.chief:
       self.eval_source, self.no_eval_reason = load_eval_source(cfg, self.source, self.log)
@@ -231,26 +246,55 @@ class PretrainingJob:
     from corinfomax_tf.training import schedules
     cfg, t = self.cfg, self.cfg.train
     o = cfg.optim
-    self.schedule = schedules.WarmupCosine(
-        base_lr=o.lr, total_steps=self.total_steps,
-        warmup_steps=min(o.warmup_epochs * self.spe, self.total_steps),
-        warmup_start_lr=o.warmup_start_lr, min_lr=o.min_lr)
+    optimizer, self.schedule = schedules.reference_optimizer(
+        o.lr, self.total_steps, o.warmup_epochs * self.spe, momentum=o.momentum,
+        weight_decay=o.weight_decay, warmup_start_lr=o.warmup_start_lr, min_lr=o.min_lr)
+    backbone = self._build_backbone()
     self.model = model = ssl_model.build_pretraining_model(
         cfg.model, cfg.loss, sync_bn=cfg.model.sync_bn and self.replicas > 1,
         vector_logs=distribute.is_multi_worker(self.strategy),
-        probe_classes=self.source.num_classes if t.online_probe else 0)
-    optimizer = schedules.ReferenceSGD(self.schedule, momentum=o.momentum,
-                                       l2_weight_decay=o.weight_decay)
+        probe_classes=self.source.num_classes if t.online_probe else 0,
+        backbone=backbone)
     if t.mixed_precision == "float16":
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, jit_compile=t.jit_compile)
-    optimizer.build(model.pretraining_variables)
     tracked = dict(encoder=model.encoder, projector=model.projector,
                    loss_state=model.loss_layer, optimizer=optimizer, step=model.step_counter)
     if model.probe_head is not None:
       model.probe_optimizer.learning_rate = t.online_probe_lr
       tracked.update(probe_head=model.probe_head, probe_optimizer=model.probe_optimizer)
     return tracked
+
+  def _build_backbone(self):
+    """The given backbone or the config's, checked against the image size and the
+    workdir's earlier architecture; records what rebuilds it (architecture.json)."""
+    import keras
+
+    from corinfomax_tf.models import factory
+    d, m = self.cfg.data, self.cfg.model
+    given = self.given_backbone
+    if given is not None and not isinstance(given, keras.Model):
+      given = given()
+    if given is not None:
+      backbone = given
+      factory.check_input_size(backbone, d.image_size, backbone.name, "backbone")
+    else:
+      backbone = factory.build(m, image_size=d.image_size,
+                               sync_batch_norm=m.sync_bn and self.replicas > 1)
+    self.architecture = factory.architecture(backbone)
+    saved = self.workdir.read_json(factory.ARCHITECTURE_FILE)
+    if saved is not None and self.workdir.has_checkpoints() and saved != self.architecture:
+      # The weights would not fit (or, worse, fit another network of the same shapes).
+      what = (f"--backbone={m.backbone}" if given is None and not m.backbone_config else
+              f"--backbone_config={m.backbone_config}" if given is None else
+              f"the backbone {backbone.name!r}")
+      raise errors.ConfigError(
+          f"{what}: the workdir {self.cfg.train.workdir} was trained with another backbone "
+          f"({saved.get('backbone', 'ResNet-%s' % saved.get('depth'))}); use a new "
+          "--workdir or the same backbone")
+    if self.chief:
+      self.workdir.write_json(factory.ARCHITECTURE_FILE, self.architecture)
+    return backbone
 
   def fit(self):
     """Trains from the restored step to the end (or a preemption), stopping with one
@@ -390,14 +434,27 @@ class PretrainingJob:
     return data_lib.eval_dataset(split, batch_size=256, image_size=d.image_size,
                                  mean=d.mean, std=d.std)
 
+  def export(self):
+    """The encoder of the last checkpoint, exported and checked (SavedModel, preset)."""
+    from corinfomax_tf.export import saved_model
+    t = self.cfg.train
+    export_dir = t.export_dir or self.workdir.join("export")
+    if (saved_model.is_our_export(export_dir) and
+        saved_model.read_metadata(export_dir)["step"] == self.summary["step"]):
+      self.summary["export"] = export_dir
+      return
+    path, step = saved_model.export_workdir(t.workdir, export_dir, overwrite=True)
+    self.summary["export"] = export_dir
+    self.log(f"Exported step {step} to {path}; {export_dir} -> it; reload check passed")
+
   def evaluate(self):
     """The quick linear probe of the trained (and of a random) encoder, on the chief."""
     import keras
     import tensorflow as tf
 
     from corinfomax_tf.evaluation import probes
-    from corinfomax_tf.models import backbone
     from corinfomax_tf.models import factory
+    from corinfomax_tf.models import pooling
     t, e = self.cfg.train, self.eval_source
     if self.no_eval_reason:
       self.summary["probe_skipped"] = self.no_eval_reason
@@ -412,10 +469,8 @@ class PretrainingJob:
     self.summary["probe"] = probe(self.model.features)
     self.log(f"Linear probe, pretrained encoder: top-1 {self.summary['probe']['top1']:.2f}%")
     if t.probe_random:
-      keras.utils.set_random_seed(t.seed + 1)
-      random_encoder = backbone.pooled_model(factory.encoder(
-          self.cfg.model.depth, self.cfg.model.stem, self.cfg.model.width,
-          name="random_encoder"))
+      random_encoder = pooling.pooled_model(factory.random_encoder(
+          self.architecture, t.seed + 1, name="random_encoder"))
       self.summary["random_probe"] = probe(random_encoder)
       self.log(f"Linear probe, random encoder:     top-1 "
                f"{self.summary['random_probe']['top1']:.2f}%")
@@ -432,3 +487,71 @@ class PretrainingJob:
       self.workdir.write_json(SUMMARY_FILE, self.summary)
       self.log(json.dumps(self.summary, sort_keys=True))
     return self.summary
+
+
+def pretrain(backbone, images, *, workdir, image_size, epochs, batch_size,
+             normalization="imagenet", export=True, log=print, **settings):
+  """Pretrains `backbone` on `images` with the full lifecycle of the `train` command.
+
+  The workdir is locked for the run; the config is saved and checked on a rerun
+  (which resumes exactly from the newest intact checkpoint); the non-finite-loss
+  guard, preemption handling (SIGTERM/SIGINT: checkpoint, then
+  `errors.Preempted`), TensorBoard logs and health monitors run as they do for the
+  command; the encoder is exported at the end (SavedModel, and a keras-hub preset
+  where the backbone is a keras-hub `Backbone`).
+
+  Args:
+    backbone: a keras.Model taking normalised images (any keras-hub backbone, ours,
+      or your own), or a function of no arguments returning one (called inside the
+      strategy's scope: needed with `strategy="mirrored"`).
+    images: a finite tf.data.Dataset of single images (uint8 (H, W, 3), (image,
+      label) pairs or {"image", "label"} dicts; labels are not used). The
+      end-of-training probe runs on a labelled set named by `eval_dataset`
+      ("digits", "folder" with `eval_data_dir`, or a tensorflow-datasets name).
+    workdir: the directory of checkpoints, logs, config and summary.
+    image_size: the side of the square training views.
+    epochs, batch_size: the length of training and the global batch.
+    normalization: "imagenet", "cifar10", "cifar100", "digits" or (mean, std).
+    export: export the encoder to <workdir>/export at the end.
+    log: where progress lines go.
+    **settings: any other setting of the `train` command by its flag name
+      (`lr`, `alpha`, `projector`, `steps_per_epoch`, `seed`, `strategy`,
+      `probe_epochs`, ...); `corinfomax train --helpfull` lists them.
+
+  Returns:
+    The summary dict (also in <workdir>/summary.json): final loss terms, steps,
+    probe top-1 where there are labels, the export's path.
+
+  Example:
+  ```python
+  images = tf.data.Dataset.from_tensor_slices(uint8_images)   # (N, 32, 32, 3)
+  summary = corinfomax_tf.pretrain(backbone, images, workdir="runs/mine",
+                                   image_size=32, epochs=100, batch_size=256)
+  encoder = tf.saved_model.load(summary["export"])
+  ```
+  """
+  import dataclasses
+  import types
+
+  from corinfomax_tf import config as config_lib
+  from corinfomax_tf import flags as flags_lib
+  from corinfomax_tf.data import datasets as data_lib
+  values = flags_lib.defaults()
+  unknown = sorted(set(settings) - set(values))
+  if unknown:
+    raise ValueError(f"Unknown settings {unknown}: pass flags of the train command by "
+                     f"name. Received: {', '.join(f'{k}={settings[k]!r}' for k in unknown)}")
+  for name in ("dataset", "data_dir", "normalization"):
+    if name in settings:
+      raise ValueError(f"{name} is given by `images` and `normalization` here. "
+                       f"Received: {name}={settings[name]!r}")
+  mean, std = data_lib.normalization_of(normalization)
+  values.update(settings, workdir=workdir, image_size=image_size, epochs=epochs,
+                batch_size=batch_size, export=export,
+                normalization=normalization if isinstance(normalization, str) else "auto")
+  values.update(probe_random=settings.get("probe_random", False))
+  cfg = config_lib.from_flags(types.SimpleNamespace(**values))
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+      cfg.data, dataset="python", mean=tuple(mean), std=tuple(std)))
+  source = data_lib.source_from_dataset(images)
+  return PretrainingJob(cfg, log=log, backbone=backbone, source=source).run()

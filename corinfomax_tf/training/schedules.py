@@ -113,3 +113,12 @@ class ReferenceSGD(keras.optimizers.Optimizer):
     config = super().get_config()
     config.update(momentum=self.momentum, l2_weight_decay=self.l2_weight_decay)
     return config
+
+
+def reference_optimizer(base_lr, total_steps, warmup_steps, *, momentum=0.9,
+                        weight_decay=1e-4, warmup_start_lr=3e-3, min_lr=1e-6):
+  """The paper's optimisation: (ReferenceSGD on a WarmupCosine schedule, the schedule)."""
+  schedule = WarmupCosine(base_lr=base_lr, total_steps=total_steps,
+                          warmup_steps=min(warmup_steps, total_steps),
+                          warmup_start_lr=warmup_start_lr, min_lr=min_lr)
+  return ReferenceSGD(schedule, momentum=momentum, l2_weight_decay=weight_decay), schedule
