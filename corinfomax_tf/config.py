@@ -406,9 +406,11 @@ def eval_data_from_flags(f):
   """The data flags every evaluation and fine-tuning command shares."""
   _data_dir_checks(f)
   _check(f.max_image_pixels >= 1, "max_image_pixels", f.max_image_pixels, "must be >= 1")
+  # image_size 0: the encoder's (datasets.resolve_image_size).
   return DataConfig(dataset=f.dataset, data_dir=f.data_dir, tfds_data_dir=f.tfds_data_dir,
                     tfds_download=f.tfds_download, train_split=f.train_split,
-                    test_split=f.test_split, image_size=f.image_size,
+                    test_split=f.test_split,
+                    image_size=f.image_size if _given(f, "image_size") else 0,
                     image_check=f.image_check, bad_images=f.bad_images,
                     max_image_pixels=f.max_image_pixels)
 
@@ -659,8 +661,7 @@ def embed_from_flags(f):
               ("batch_size", f.batch_size >= 1, "must be >= 1"),
               ("k", f.k >= 1, "must be >= 1"),
               ("max_image_pixels", f.max_image_pixels >= 1, "must be >= 1")])
-  data = dataclasses.replace(eval_data_from_flags(f),
-                             image_size=f.image_size if _given(f, "image_size") else 0)
+  data = eval_data_from_flags(f)
   split = "all" if images else f.split
   workdir = f.output_dir or os.path.join(
       _parent_of(f.encoder), f"embed_{f.dataset.replace('/', '_')}_{split}")

@@ -120,3 +120,32 @@ def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def tiny_backbone(kind, image_size=8):
+  """A tiny keras-hub backbone built from its constructor (no download): a 2-layer
+  ViT (token sequence with a class token) or a 2-block MobileNet (feature map)."""
+  import keras_hub
+  if kind == "vit":
+    return keras_hub.models.ViTBackbone(
+        image_shape=(image_size, image_size, 3), patch_size=4, num_layers=2, num_heads=2,
+        hidden_dim=16, mlp_dim=32)
+  return keras_hub.models.MobileNetBackbone(
+      stackwise_expansion=[[1], [4]], stackwise_num_blocks=[1, 1],
+      stackwise_num_filters=[[8], [16]], stackwise_kernel_size=[[3], [3]],
+      stackwise_num_strides=[[2], [2]], stackwise_se_ratio=[[None], [0.25]],
+      stackwise_activation=[["relu"], ["hard_swish"]], stackwise_padding=[[1], [1]],
+      output_num_filters=32, depthwise_filters=8, depthwise_stride=1,
+      depthwise_residual=False, last_layer_filter=32,
+      image_shape=(image_size, image_size, 3), input_num_filters=8)
+
+
+def write_backbone_config(path, kind, image_size=8):
+  """The JSON `keras.saving.serialize_keras_object` writes for a tiny backbone (what
+  --backbone_config reads); returns the path."""
+  import json
+
+  import keras
+  with open(path, "w") as fh:
+    json.dump(keras.saving.serialize_keras_object(tiny_backbone(kind, image_size)), fh)
+  return str(path)

@@ -178,3 +178,17 @@ def test_downstream_flagfiles_parse_with_their_command(module, prefix, expected)
                           env=dict(os.environ))
   assert result.returncode == 0, result.stderr[-2000:]
   assert len(result.stdout.strip().splitlines()) == len(paths) == expected
+
+
+def test_backbone_flags_are_checked(tmp_path):
+  assert parse("--backbone=resnet50").model.depth == 50
+  assert parse("--backbone=resnet50", "--depth=50").model.backbone == "resnet50"
+  with pytest.raises(errors.ConfigError, match="--depth=18: contradicts --backbone=resnet50"):
+    parse("--backbone=resnet50", "--depth=18")
+  config = tmp_path / "vit.json"
+  config.write_text('{"class_name": "ViTBackbone", "config": {}}')
+  assert parse(f"--backbone_config={config}").model.backbone_config == str(config)
+  with pytest.raises(errors.ConfigError, match="name two backbones"):
+    parse(f"--backbone_config={config}", "--backbone=resnet18")
+  with pytest.raises(errors.ConfigError, match="--backbone_config=.*: cannot be read"):
+    parse(f"--backbone_config={tmp_path}/missing.json")

@@ -203,10 +203,16 @@ def test_bad_export_input_is_named_and_nothing_is_overwritten(trained, tmp_path)
 
 def test_evaluation_commands_reject_mismatched_input(trained, tmp_path):
   _, export_dir = trained
+  # Another size than training's is taken as asked, with one line (left out: the
+  # encoder's, read from its metadata).
   result = run("-m", "corinfomax_tf.knn_eval", f"--encoder={export_dir}", "--dataset=digits",
-               "--image_size=16", f"--output_dir={tmp_path}")
-  assert result.returncode == 2
-  assert "--image_size=16: the encoder was trained at 8" in result.stderr.splitlines()[-1]
+               "--image_size=16", f"--output_dir={tmp_path}/knn16", "--k=5")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "--image_size=16: the encoder was trained at 8; using 16 as asked" in result.stdout
+  result = run("-m", "corinfomax_tf.knn_eval", f"--encoder={export_dir}", "--dataset=digits",
+               f"--output_dir={tmp_path}/knn", "--k=5")
+  assert result.returncode == 0 and "trained at" not in result.stdout
+  assert json.loads(result.stdout.strip().splitlines()[-1])["num_test"] == 360
   result = run("-m", "corinfomax_tf.linear_eval", f"--encoder={export_dir}",
                "--dataset=digits", "--image_size=8", "--num_classes=5",
                f"--output_dir={tmp_path}")

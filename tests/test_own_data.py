@@ -335,7 +335,6 @@ def test_embed_an_unlabeled_tree_with_paths_and_its_bad_input(trained, tmp_path)
       (["--dataset=images", f"--data_dir={root}", "--split=train"],
        "--split=train: --dataset=images has no splits"),
       (["--dataset=digits", "--split=validation"], "--split=validation: digits has splits"),
-      (["--dataset=digits", "--image_size=16"], "--image_size=16: the encoder was trained at 8"),
       (["--dataset=digits", f"--output_dir={out}2", f"--query={root}/nope.png"],
        "--query: '" + root + "/nope.png' is not a usable image")],
       helpers.ENV, helpers.ROOT)

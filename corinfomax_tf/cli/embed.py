@@ -44,13 +44,9 @@ def define_flags():
 
 
 def _image_size(cfg, encoder):
-  size = cfg.data.image_size or encoder.image_size
-  if size != encoder.image_size:
-    from corinfomax_tf import errors
-    raise errors.ConfigError(f"--image_size={size}: the encoder was trained at "
-                             f"{encoder.image_size}; embed at the same size (or leave "
-                             "--image_size out)")
-  return size
+  """The encoder's training size, or --image_size with one line where it differs."""
+  from corinfomax_tf.data import datasets
+  return datasets.resolve_image_size(cfg.data, encoder.metadata, runner.log).image_size
 
 
 def compute(cfg, encoder, size, workdir):

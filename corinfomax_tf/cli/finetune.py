@@ -10,6 +10,7 @@ same network from a random initialisation with the same labels and settings: the
 baseline the pretrained encoder has to beat. Re-running the command resumes.
 """
 
+import dataclasses
 import json
 
 from absl import flags
@@ -54,6 +55,9 @@ def main(flag_values):
   encoder, metadata = saved_model.load_trainable_encoder(cfg.encoder)
   if cfg.init == "random":
     encoder = factory.random_encoder(metadata["architecture"], cfg.seed + 1)
+  cfg = dataclasses.replace(cfg, data=datasets.resolve_image_size(cfg.data, metadata,
+                                                                  runner.log))
+  metadata = {**metadata, "image_size": cfg.data.image_size}
   source = datasets.load_eval_source(cfg.data, metadata["image_size"], log=runner.log)
   result = finetune.run_finetune(encoder, metadata, source, cfg, log=runner.log)
   runner.log(json.dumps({k: v for k, v in result.items() if k != "history"},

@@ -6,6 +6,7 @@ See corinfomax_tf/evaluation/knn.py. The result goes to <output_dir>/knn_eval.js
 (default: <encoder's parent>/knn_eval).
 """
 
+import dataclasses
 import json
 
 from absl import flags
@@ -31,6 +32,8 @@ def main(flag_values):
   from corinfomax_tf.export import saved_model
   from corinfomax_tf.training import workdir as workdir_lib
   encoder = saved_model.load_encoder(cfg.encoder)
+  cfg = dataclasses.replace(cfg, data=datasets.resolve_image_size(cfg.data, encoder.metadata,
+                                                                  runner.log))
   source = datasets.load_eval_source(cfg.data, encoder.image_size, cfg.num_classes,
                                      log=runner.log)
   with workdir_lib.Workdir(cfg.workdir, flag="--output_dir", command="corinfomax_tf.knn_eval",

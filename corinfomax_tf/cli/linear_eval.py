@@ -10,6 +10,7 @@ checkpoints after every epoch (rerunning resumes exactly), TensorBoard logs unde
 train/ and eval/, and linear_eval.json.
 """
 
+import dataclasses
 import json
 
 from absl import flags
@@ -49,6 +50,8 @@ def main(flag_values):
   from corinfomax_tf.evaluation import linear
   from corinfomax_tf.export import saved_model
   encoder = saved_model.load_encoder(cfg.encoder)
+  cfg = dataclasses.replace(cfg, data=datasets.resolve_image_size(cfg.data, encoder.metadata,
+                                                                  runner.log))
   source = datasets.load_eval_source(cfg.data, encoder.image_size, cfg.num_classes,
                                      log=runner.log)
   result = linear.run_linear_eval(encoder, source, cfg, log=runner.log)

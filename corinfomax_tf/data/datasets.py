@@ -473,13 +473,29 @@ def eval_dataset(ds, *, batch_size, image_size, mean, std):
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def resolve_image_size(data_cfg, metadata, log=print):
+  """`data_cfg` (a config.DataConfig) at the encoder's training size (image_size 0:
+  not given), or at the size the user gave, with one line when it differs from
+  training; a backbone built for one input size (a ViT) is refused any other."""
+  import dataclasses
+  trained = metadata["image_size"]
+  size = data_cfg.image_size or trained
+  if size != trained:
+    fixed = metadata.get("architecture", {}).get("input_size")
+    if fixed and list(fixed) != [size, size]:
+      raise errors.ConfigError(
+          f"--image_size={size}: the encoder was trained at {trained} and its backbone "
+          f"takes only {fixed[0]}x{fixed[1]} images; leave --image_size out")
+    log(f"--image_size={size}: the encoder was trained at {trained}; using {size} as "
+        "asked (leave the flag out to use the training size)")
+  return dataclasses.replace(data_cfg, image_size=size)
+
+
 def load_eval_source(data_cfg, encoder_image_size, num_classes=0, log=print,
                      need_labels=True):
-  """The source an evaluation or fine-tuning command names, checked against the
-  encoder (`data_cfg`: a config.DataConfig)."""
-  if data_cfg.image_size != encoder_image_size:
-    raise errors.ConfigError(f"--image_size={data_cfg.image_size}: the encoder was "
-                             f"trained at {encoder_image_size}; evaluate at the same size")
+  """The source an evaluation or fine-tuning command names (`data_cfg`: a
+  config.DataConfig whose image size `resolve_image_size` has settled)."""
+  del encoder_image_size  # settled by resolve_image_size
   source = load_source(data_cfg.dataset, **data_cfg.source_kwargs())
   for scan in source.scans:
     log(scan.summary())

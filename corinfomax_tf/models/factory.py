@@ -116,8 +116,11 @@ def architecture(backbone):
   features are taken."""
   from corinfomax_tf.models import backbone as backbone_lib
   from corinfomax_tf.models import pooling
+  shape = tuple(backbone.input.shape[1:3])
   info = {"feature_dim": pooling.feature_dim(backbone),
-          "output": pooling.describe(backbone)}
+          "output": pooling.describe(backbone),
+          # The input size the network is built for; None: any.
+          "input_size": None if None in shape else list(shape)}
   if isinstance(backbone, backbone_lib.CorInfoMaxBackbone):
     return {"depth": backbone.depth, "stem": backbone.stem, "width": backbone.width,
             **info}
@@ -125,6 +128,20 @@ def architecture(backbone):
   return {"backbone": type(backbone).__name__,
           "backbone_config": json.loads(json.dumps(
               keras.saving.serialize_keras_object(backbone))), **info}
+
+
+def same_architecture(saved, current, exact=True):
+  """Whether two `architecture(...)` dicts describe one network. The backbone's own
+  name is left out; with `exact=False` (a model built in Python, whose layer names
+  Keras numbers per process) only the class, feature dimension and output kind."""
+  def key(arch):
+    arch = json.loads(json.dumps(arch))
+    config = arch.pop("backbone_config", None)
+    if config is not None:
+      config.get("config", {}).pop("name", None)
+      arch["backbone_config"] = config if exact else config.get("class_name")
+    return arch
+  return key(saved) == key(current)
 
 
 def encoder_from_architecture(architecture, *, name="encoder"):

@@ -283,7 +283,8 @@ class PretrainingJob:
                                sync_batch_norm=m.sync_bn and self.replicas > 1)
     self.architecture = factory.architecture(backbone)
     saved = self.workdir.read_json(factory.ARCHITECTURE_FILE)
-    if saved is not None and self.workdir.has_checkpoints() and saved != self.architecture:
+    if (saved is not None and self.workdir.has_checkpoints() and
+        not factory.same_architecture(saved, self.architecture, exact=given is None)):
       # The weights would not fit (or, worse, fit another network of the same shapes).
       what = (f"--backbone={m.backbone}" if given is None and not m.backbone_config else
               f"--backbone_config={m.backbone_config}" if given is None else
