@@ -24,32 +24,80 @@ NORMALIZATIONS = {
     "digits": ((0.309, 0.309, 0.309), (0.349, 0.349, 0.349)),
 }
 STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+def setting(default, help, choices=None):  # noqa: A002  (the flag's help text)
+  """A config field that is also a command-line flag of the same name: its default
+  and help live here, and `flags.define_config_flags` derives the flag from them."""
+  metadata = {"help": help}
+  if choices:
+    metadata["choices"] = tuple(choices)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
 MIXED_PRECISION = ("none", "float16", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  dataset: str = "digits"
-  data_dir: str = ""
-  tfds_data_dir: str = ""
-  tfds_download: bool = True
-  train_split: str = "train"
-  test_split: str = "test"
-  image_size: int = 16
+  dataset: str = setting(
+      "digits",
+      "'digits' (embedded default), a tensorflow-datasets name (cifar10, cifar100, "
+      "...), 'folder' (a labelled image folder under --data_dir) or 'images' (your "
+      'own unlabeled images: any tree of image files under --data_dir, or a text file'
+      ' of paths).')
+  data_dir: str = setting(
+      "",
+      'With --dataset=folder: directory holding <train_split>/<class>/<image> and '
+      '<test_split>/<class>/<image>. With --dataset=images: a directory (images in '
+      'any nesting of folders) or a text file with one image path per line (relative '
+      "to the file's folder).")
+  tfds_data_dir: str = setting("", 'tensorflow-datasets data_dir.')
+  tfds_download: bool = setting(
+      True,
+      'Download and prepare a tfds data set that is not prepared yet, after a quick '
+      'check that the network answers (--notfds_download: never download).')
+  train_split: str = setting("train", 'Split (or sub-folder) to pretrain on.')
+  test_split: str = setting("test", "Split (or sub-folder) for the probe's test.")
+  image_size: int = setting(32, 'Training crop size.')
   mean: tuple = NORMALIZATIONS["digits"][0]
   std: tuple = NORMALIZATIONS["digits"][1]
-  cache: bool = False
-  shuffle_buffer: int = 10000
-  data_service: str = ""          # grpc://host:port of a tf.data service dispatcher
-  image_check: str = "header"
-  bad_images: str = "skip"
-  max_image_pixels: int = 50_000_000
+  cache: bool = setting(False, 'Cache decoded images of an image folder in memory.')
+  shuffle_buffer: int = setting(10000, 'Shuffle buffer, in images.')
+  data_service: str = setting(
+      "",
+      'grpc://host:port of a tf.data service dispatcher: its workers read, decode and'
+      ' augment the training images (--dataset=folder or images, at the same paths on'
+      " every worker host); see README, 'Feeding training from a tf.data service'.")
+  image_check: str = setting(
+      "header",
+      'With --dataset=folder, how every file is checked before '
+      'training: none (extension and size), header (format, size, truncation; the '
+      'default), full (decode every image: slow on large sets).', choices=('none', 'header', 'full'))
+  bad_images: str = setting(
+      "skip",
+      'With --dataset=folder: skip bad files (counted in the log and in'
+      ' data_report.json) or stop at the first, naming it.', choices=('skip', 'error'))
+  max_image_pixels: int = setting(
+      50_000_000,
+      'With --dataset=folder: images with more pixels are skipped as too large.')
   # Pretraining only: the labelled set the probe and kNN monitor evaluate on, when it
   # is not the training set (always, for --dataset=images).
-  eval_dataset: str = ""
-  eval_data_dir: str = ""
-  eval_train_split: str = "train"
-  eval_test_split: str = "test"
+  eval_dataset: str = setting(
+      "",
+      "The labelled set the end-of-training probe and the kNN monitor use ('digits', "
+      "'folder' or a tensorflow-datasets name; empty: the training set). Without one,"
+      ' --dataset=images skips them, saying so.')
+  eval_data_dir: str = setting(
+      "",
+      'With --eval_dataset=folder: <eval_train_split>/<class>/<image> and '
+      '<eval_test_split>/<class>/<image>.')
+  eval_train_split: str = setting(
+      "train",
+      "--eval_dataset's split the probe trains on.")
+  eval_test_split: str = setting(
+      "test",
+      "--eval_dataset's split the probe and kNN are measured on.")
 
   @property
   def labelled(self):
@@ -83,70 +131,131 @@ class AugmentConfig:
 class ModelConfig:
   # "resnet" (--depth, --stem, --width), resnet18/34/50, or a keras-hub preset (a
   # directory, an export of ours, or a name keras-hub fetches).
-  backbone: str = "resnet"
-  backbone_config: str = ""       # JSON of keras.saving.serialize_keras_object
-  depth: int = 18
-  stem: str = "cifar"
-  width: int = 64
-  projector: str = "2048-2048-64"
-  projector_bn: bool = False
-  l2_normalize: bool = True
-  sync_bn: bool = True
+  backbone: str = setting(
+      "resnet",
+      'The encoder: resnet (our ResNet of --depth, --stem, --width), resnet18, '
+      'resnet34, resnet50, or a keras-hub preset with its weights (a preset '
+      'directory, an export of ours, or a name keras-hub fetches, such as '
+      'vit_base_patch16_224_imagenet): continued pretraining on your data.')
+  backbone_config: str = setting(
+      "",
+      'A JSON file of any keras-hub or Keras backbone, as '
+      'keras.saving.serialize_keras_object writes it (new random weights).')
+  depth: int = setting(18, 'ResNet depth: 18, 34 or 50.')
+  stem: str = setting("cifar", 'ResNet stem: cifar or imagenet.')
+  width: int = setting(64, 'Filters of the first ResNet stage (64 standard).')
+  projector: str = setting("2048-2048-64", 'Projector widths, last = D.')
+  projector_bn: bool = setting(False, "BatchNorm in the projector's hidden layers.")
+  l2_normalize: bool = setting(True, 'L2-normalise projector outputs.')
+  sync_bn: bool = setting(
+      True,
+      'Synchronise BatchNorm across replicas (only when there are several).')
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  alpha: float = 250.0
-  cov_weight: float = 1.0
-  la_R: float = 0.01
-  la_mu: float = 0.01
-  eps: float = 1e-8
-  R_ini: float = 1.0
-  covariance: str = "per_branch"
+  alpha: float = setting(250.0, 'Attraction weight.')
+  cov_weight: float = setting(1.0, 'Covariance (big-bang) term weight.')
+  la_R: float = setting(0.01, 'Covariance forgetting factor, in [0, 1).')
+  la_mu: float = setting(0.01, 'Mean forgetting factor, in [0, 1).')
+  eps: float = setting(1e-8, 'Diagonal perturbation of R in the log-determinant.')
+  R_ini: float = setting(1.0, 'R starts as R_ini * I.')
+  covariance: str = setting(
+      "per_branch",
+      'One (mu, R) per view, or one over both views.', choices=('per_branch', 'shared'))
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  lr: float = 0.5
-  momentum: float = 0.9
-  weight_decay: float = 1e-4
-  warmup_epochs: int = 10
-  warmup_start_lr: float = 3e-3
-  min_lr: float = 1e-6
+  lr: float = setting(0.5, 'Base learning rate (for the global batch).')
+  momentum: float = setting(0.9, 'SGD momentum.')
+  weight_decay: float = setting(1e-4, 'Coupled L2 weight decay (PyTorch SGD).')
+  warmup_epochs: int = setting(10, 'Linear warm-up epochs.')
+  warmup_start_lr: float = setting(3e-3, 'Learning rate at step 0.')
+  min_lr: float = setting(1e-6, 'Learning rate at the end of the cosine.')
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  workdir: str = "runs/default"
-  epochs: int = 1000
-  batch_size: int = 512
-  steps_per_epoch: int = 0          # 0: number of training images // batch_size
-  seed: int = 0
-  strategy: str = "default"
-  num_cpu_devices: int = 0          # >1: split the CPU into logical devices
-  cluster_resolver: str = "tf_config"
-  slurm_port_base: int = 8888
-  keep_checkpoints: int = 3
-  export: bool = False
-  export_dir: str = ""              # with export: "" is <workdir>/export
-  loss_spike_factor: float = 0.0
-  loss_spike_window: int = 50
-  log_every_steps: int = 10
-  probe_epochs: int = 100
-  probe_random: bool = True
-  online_probe: bool = False
-  online_probe_lr: float = 0.1
-  knn_every_epochs: int = 0
-  knn_k: tuple = (20, 200)
-  knn_temperature: float = 0.07
-  monitor_every_steps: int = 50
-  collapse_rank_share: float = 0.1
-  preview_images: int = 8
-  preview_only: bool = False
-  deterministic: bool = False
-  jit_compile: bool = False
-  mixed_precision: str = "none"
-  verbose: str = "auto"
+  workdir: str = setting(
+      "runs/default",
+      'Checkpoints, TensorBoard logs, resolved flags and summary.json go here.')
+  epochs: int = setting(1000, 'Pretraining epochs.')
+  batch_size: int = setting(512, 'Global batch size (all replicas).')
+  steps_per_epoch: int = setting(
+      0,
+      'Steps per epoch; 0 = training images // batch size.')
+  seed: int = setting(0, 'Seed of weights, data order and augmentation.')
+  strategy: str = setting(
+      "default",
+      'default (one device), mirrored (all local GPUs, or --num_cpu_devices CPUs), '
+      'multi_worker (TF_CONFIG).')
+  num_cpu_devices: int = setting(
+      0,
+      'With --strategy=mirrored and no GPU: split the CPU into this many devices.')
+  cluster_resolver: str = setting(
+      "tf_config",
+      'With --strategy=multi_worker: the cluster from TF_CONFIG, '
+      "or from SLURM's variables (every task started by srun).", choices=('tf_config', 'slurm'))
+  slurm_port_base: int = setting(
+      8888,
+      "With --cluster_resolver=slurm: first port of the workers' servers.")
+  keep_checkpoints: int = setting(3, 'Checkpoints kept in the workdir.')
+  export: bool = setting(
+      False,
+      'After training, export the encoder (SavedModel + keras-hub preset) to '
+      '--export_dir and check it reloads (as `corinfomax export` does).')
+  export_dir: str = setting(
+      "",
+      "With --export: the export's path (a link to the newest step); empty: "
+      '<workdir>/export.')
+  loss_spike_factor: float = setting(
+      0.0,
+      "Stop, keeping the last checkpoint, when a step's loss exceeds this many times "
+      'the median of the previous --loss_spike_window steps (0: off).')
+  loss_spike_window: int = setting(
+      50,
+      'Steps whose median loss the spike guard compares against.')
+  log_every_steps: int = setting(10, 'TensorBoard scalar interval, in steps.')
+  probe_epochs: int = setting(
+      100,
+      'Epochs of the linear probe after pretraining; 0 skips the probe.')
+  probe_random: bool = setting(
+      True,
+      'Also probe a randomly initialised encoder of the same architecture.')
+  online_probe: bool = setting(
+      False,
+      'Train a linear head on stop-gradient features alongside (logs probe_top1).')
+  online_probe_lr: float = setting(0.1, 'Learning rate of the online probe.')
+  knn_every_epochs: int = setting(
+      0,
+      'kNN top-1 on the test split every N epochs (0: off).')
+  knn_k: tuple = setting((20, 200), 'Neighbour counts of the kNN monitor.')
+  knn_temperature: float = setting(0.07, 'Temperature of the kNN votes.')
+  monitor_every_steps: int = setting(
+      50,
+      'Covariance spectra, effective rank, LDMI and collapse checks every N steps (0:'
+      ' off).')
+  collapse_rank_share: float = setting(
+      0.1,
+      'Warn of dimensional collapse when the effective rank of R falls below this '
+      'share of D.')
+  preview_images: int = setting(
+      8,
+      'Images in the augmentation preview written at the start of training (0: off).')
+  preview_only: bool = setting(
+      False,
+      'Write the augmentation preview (TensorBoard and preview.png) and exit.')
+  deterministic: bool = setting(
+      False,
+      'Deterministic ops (tf.config.experimental.enable_op_determinism) and a fixed '
+      'data order: two runs give bitwise-equal weights on the CPU.')
+  jit_compile: bool = setting(False, 'Compile the training step with XLA.')
+  mixed_precision: str = setting("none", 'none, float16 or bfloat16.')
+  verbose: str = setting(
+      "auto",
+      'Keras fit verbosity: auto (progress bar on a terminal, a line per epoch '
+      'otherwise), 0, 1 or 2.')
 
 
 @dataclasses.dataclass(frozen=True)

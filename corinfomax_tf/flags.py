@@ -1,7 +1,10 @@
-"""Every command-line flag of the pretraining job, defined in one function.
+"""Every command-line flag of the pretraining job, derived from its config fields.
 
-Only entry points call `define_flags()`; library code takes config objects.
-Defaults are the CIFAR-10 setting of the paper except where a flagfile says otherwise.
+A pretraining setting is a field of a config dataclass (config.py) declared with
+`config.setting(default, help)`: the flag of the same name is derived from it, so
+its default and help live in one place. Only entry points call `define_flags()`;
+library code takes config objects. Defaults are the CIFAR-10 setting of the paper
+except where a flagfile says otherwise.
 """
 
 import os
@@ -34,194 +37,78 @@ def defaults():
   return {name: values[name].default for name in values}
 
 
+# The data flags every evaluation command shares with training.
+DATA_FLAGS = ("dataset", "data_dir", "tfds_data_dir", "tfds_download", "train_split",
+              "test_split", "image_size", "image_check", "bad_images", "max_image_pixels")
+
+
+def define_config_flags(cls, names=None):
+  """A flag for every field of the config dataclass `cls` that is a `setting` (or
+  for those in `names`): the field's name, default, help and choices, so that a
+  default lives in one place. The flag's type is the default's."""
+  import dataclasses
+  for field in dataclasses.fields(cls):
+    if "help" not in field.metadata or (names is not None and field.name not in names):
+      continue
+    if field.name in _TARGET[0]:
+      continue
+    default, help_text = field.default, field.metadata["help"]
+    if field.metadata.get("choices"):
+      _track(flags.DEFINE_enum, field.name, default, list(field.metadata["choices"]),
+             help_text)
+    elif isinstance(default, bool):
+      _track(flags.DEFINE_bool, field.name, default, help_text)
+    elif isinstance(default, int):
+      _track(flags.DEFINE_integer, field.name, default, help_text)
+    elif isinstance(default, float):
+      _track(flags.DEFINE_float, field.name, default, help_text)
+    elif isinstance(default, tuple):
+      _track(flags.DEFINE_list, field.name, [str(v) for v in default], help_text)
+    else:
+      _track(flags.DEFINE_string, field.name, default, help_text)
+
+
 def define_data_flags():
   """The data-set flags shared by training and the evaluation commands."""
-  if "dataset" in _TARGET[0]:
-    return
-  f = flags
-  # Data.
-  _track(f.DEFINE_string, "dataset", "digits",
-         "'digits' (embedded default), a tensorflow-datasets name (cifar10, cifar100, ...), "
-         "'folder' (a labelled image folder under --data_dir) or 'images' (your own "
-         "unlabeled images: any tree of image files under --data_dir, or a text file of "
-         "paths).")
-  _track(f.DEFINE_string, "data_dir", "",
-         "With --dataset=folder: directory holding <train_split>/<class>/<image> and "
-         "<test_split>/<class>/<image>. With --dataset=images: a directory (images in "
-         "any nesting of folders) or a text file with one image path per line "
-         "(relative to the file's folder).")
-  _track(f.DEFINE_string, "tfds_data_dir", "", "tensorflow-datasets data_dir.")
-  _track(f.DEFINE_bool, "tfds_download", True,
-         "Download and prepare a tfds data set that is not prepared yet, after a quick "
-         "check that the network answers (--notfds_download: never download).")
-  _track(f.DEFINE_string, "train_split", "train", "Split (or sub-folder) to pretrain on.")
-  _track(f.DEFINE_string, "test_split", "test", "Split (or sub-folder) for the probe's test.")
-  _track(f.DEFINE_integer, "image_size", 32, "Training crop size.")
-  _track(f.DEFINE_enum, "image_check", "header", ["none", "header", "full"],
-         "With --dataset=folder, how every file is checked before training: none "
-         "(extension and size), header (format, size, truncation; the default), full "
-         "(decode every image: slow on large sets).")
-  _track(f.DEFINE_enum, "bad_images", "skip", ["skip", "error"],
-         "With --dataset=folder: skip bad files (counted in the log and in "
-         "data_report.json) or stop at the first, naming it.")
-  _track(f.DEFINE_integer, "max_image_pixels", 50_000_000,
-         "With --dataset=folder: images with more pixels are skipped as too large.")
+  from corinfomax_tf import config
+  define_config_flags(config.DataConfig, DATA_FLAGS)
 
 
 def define_flags():
-  """Every flag of the pretraining command, in groups."""
+  """Every flag of the pretraining command: the fields of its config sections, and
+  the augmentation flags (which make the two views' `ViewConfig`s)."""
   if "depth" in _TARGET[0]:
     return
+  from corinfomax_tf import config
   define_data_flags()
   _define_input_and_augmentation_flags()
-  _define_model_and_loss_flags()
-  _define_optimisation_flags()
-  _define_run_flags()
-  _define_monitoring_flags()
+  for section in (config.DataConfig, config.ModelConfig, config.LossConfig,
+                  config.OptimConfig, config.TrainConfig):
+    define_config_flags(section)
 
 
 def _define_input_and_augmentation_flags():
+  """Flags that are not one config field each: the normalisation (mean and std) and
+  the views' augmentation, whose defaults are the paper's views."""
+  from corinfomax_tf.data import augment
+  view1, view2 = (augment.ViewConfig(blur_prob=1.0, solarize_prob=0.0),
+                  augment.ViewConfig(blur_prob=0.1, solarize_prob=0.2))
   f = flags
   _track(f.DEFINE_string, "normalization", "auto",
          "Per-channel mean/std: auto (by data set), cifar10, cifar100, imagenet, digits.")
-  _track(f.DEFINE_bool, "cache", False, "Cache decoded images of an image folder in memory.")
-  _track(f.DEFINE_integer, "shuffle_buffer", 10000, "Shuffle buffer, in images.")
-  _track(f.DEFINE_string, "data_service", "",
-         "grpc://host:port of a tf.data service dispatcher: its workers read, decode and "
-         "augment the training images (--dataset=folder or images, at the same paths on "
-         "every worker host); see README, 'Feeding training from a tf.data service'.")
-  # Augmentation.
-  _track(f.DEFINE_float, "crop_min_scale", 0.08, "Random resized crop: smallest area share.")
-  _track(f.DEFINE_float, "hflip_prob", 0.5, "Horizontal flip probability.")
-  _track(f.DEFINE_float, "jitter_prob", 0.8, "Colour jitter probability.")
-  _track(f.DEFINE_float, "brightness", 0.4, "Colour jitter brightness strength.")
-  _track(f.DEFINE_float, "contrast", 0.4, "Colour jitter contrast strength.")
-  _track(f.DEFINE_float, "saturation", 0.2, "Colour jitter saturation strength.")
-  _track(f.DEFINE_float, "hue", 0.1, "Colour jitter hue strength.")
-  _track(f.DEFINE_float, "grayscale_prob", 0.2, "Grayscale probability.")
-  _track(f.DEFINE_list, "blur_prob", ["1.0", "0.1"],
+  _track(f.DEFINE_float, "crop_min_scale", view1.crop_scale[0],
+         "Random resized crop: smallest area share.")
+  _track(f.DEFINE_float, "hflip_prob", view1.hflip_prob, "Horizontal flip probability.")
+  _track(f.DEFINE_float, "jitter_prob", view1.jitter_prob, "Colour jitter probability.")
+  _track(f.DEFINE_float, "brightness", view1.brightness, "Colour jitter brightness strength.")
+  _track(f.DEFINE_float, "contrast", view1.contrast, "Colour jitter contrast strength.")
+  _track(f.DEFINE_float, "saturation", view1.saturation, "Colour jitter saturation strength.")
+  _track(f.DEFINE_float, "hue", view1.hue, "Colour jitter hue strength.")
+  _track(f.DEFINE_float, "grayscale_prob", view1.grayscale_prob, "Grayscale probability.")
+  _track(f.DEFINE_list, "blur_prob", [str(view1.blur_prob), str(view2.blur_prob)],
          "Gaussian blur probability: one value, or view1,view2.")
-  _track(f.DEFINE_list, "solarize_prob", ["0.0", "0.2"],
+  _track(f.DEFINE_list, "solarize_prob", [str(view1.solarize_prob), str(view2.solarize_prob)],
          "Solarisation probability: one value, or view1,view2.")
-
-
-def _define_model_and_loss_flags():
-  f = flags
-  _track(f.DEFINE_string, "backbone", "resnet",
-         "The encoder: resnet (our ResNet of --depth, --stem, --width), resnet18, "
-         "resnet34, resnet50, or a keras-hub preset with its weights (a preset "
-         "directory, an export of ours, or a name keras-hub fetches, such as "
-         "vit_base_patch16_224_imagenet): continued pretraining on your data.")
-  _track(f.DEFINE_string, "backbone_config", "",
-         "A JSON file of any keras-hub or Keras backbone, as "
-         "keras.saving.serialize_keras_object writes it (new random weights).")
-  _track(f.DEFINE_integer, "depth", 18, "ResNet depth: 18, 34 or 50.")
-  _track(f.DEFINE_string, "stem", "cifar", "ResNet stem: cifar or imagenet.")
-  _track(f.DEFINE_integer, "width", 64, "Filters of the first ResNet stage (64 standard).")
-  _track(f.DEFINE_string, "projector", "2048-2048-64", "Projector widths, last = D.")
-  _track(f.DEFINE_bool, "projector_bn", False, "BatchNorm in the projector's hidden layers.")
-  _track(f.DEFINE_bool, "l2_normalize", True, "L2-normalise projector outputs.")
-  _track(f.DEFINE_bool, "sync_bn", True,
-         "Synchronise BatchNorm across replicas (only when there are several).")
-  # Loss.
-  _track(f.DEFINE_float, "alpha", 250.0, "Attraction weight.")
-  _track(f.DEFINE_float, "cov_weight", 1.0, "Covariance (big-bang) term weight.")
-  _track(f.DEFINE_float, "la_R", 0.01, "Covariance forgetting factor, in [0, 1).")
-  _track(f.DEFINE_float, "la_mu", 0.01, "Mean forgetting factor, in [0, 1).")
-  _track(f.DEFINE_float, "eps", 1e-8, "Diagonal perturbation of R in the log-determinant.")
-  _track(f.DEFINE_float, "R_ini", 1.0, "R starts as R_ini * I.")
-  _track(f.DEFINE_enum, "covariance", "per_branch", ["per_branch", "shared"],
-         "One (mu, R) per view, or one over both views.")
-
-
-def _define_optimisation_flags():
-  f = flags
-  _track(f.DEFINE_float, "lr", 0.5, "Base learning rate (for the global batch).")
-  _track(f.DEFINE_float, "momentum", 0.9, "SGD momentum.")
-  _track(f.DEFINE_float, "weight_decay", 1e-4, "Coupled L2 weight decay (PyTorch SGD).")
-  _track(f.DEFINE_integer, "warmup_epochs", 10, "Linear warm-up epochs.")
-  _track(f.DEFINE_float, "warmup_start_lr", 3e-3, "Learning rate at step 0.")
-  _track(f.DEFINE_float, "min_lr", 1e-6, "Learning rate at the end of the cosine.")
-
-
-def _define_run_flags():
-  """Workdir, length, seed, devices, checkpoints, guards, determinism, speed."""
-  f = flags
-  _track(f.DEFINE_string, "workdir", "runs/default",
-         "Checkpoints, TensorBoard logs, resolved flags and summary.json go here.")
-  _track(f.DEFINE_integer, "epochs", 1000, "Pretraining epochs.")
-  _track(f.DEFINE_integer, "batch_size", 512, "Global batch size (all replicas).")
-  _track(f.DEFINE_integer, "steps_per_epoch", 0,
-         "Steps per epoch; 0 = training images // batch size.")
-  _track(f.DEFINE_integer, "seed", 0, "Seed of weights, data order and augmentation.")
-  _track(f.DEFINE_string, "strategy", "default",
-         "default (one device), mirrored (all local GPUs, or --num_cpu_devices CPUs), "
-         "multi_worker (TF_CONFIG).")
-  _track(f.DEFINE_enum, "cluster_resolver", "tf_config", ["tf_config", "slurm"],
-         "With --strategy=multi_worker: the cluster from TF_CONFIG, or from SLURM's "
-         "variables (every task started by srun).")
-  _track(f.DEFINE_integer, "slurm_port_base", 8888,
-         "With --cluster_resolver=slurm: first port of the workers' servers.")
-  _track(f.DEFINE_integer, "num_cpu_devices", 0,
-         "With --strategy=mirrored and no GPU: split the CPU into this many devices.")
-  _track(f.DEFINE_integer, "keep_checkpoints", 3, "Checkpoints kept in the workdir.")
-  _track(f.DEFINE_bool, "export", False,
-         "After training, export the encoder (SavedModel + keras-hub preset) to "
-         "--export_dir and check it reloads (as `corinfomax export` does).")
-  _track(f.DEFINE_string, "export_dir", "",
-         "With --export: the export's path (a link to the newest step); empty: "
-         "<workdir>/export.")
-  _track(f.DEFINE_float, "loss_spike_factor", 0.0,
-         "Stop, keeping the last checkpoint, when a step's loss exceeds this many times "
-         "the median of the previous --loss_spike_window steps (0: off).")
-  _track(f.DEFINE_integer, "loss_spike_window", 50,
-         "Steps whose median loss the spike guard compares against.")
-  _track(f.DEFINE_bool, "deterministic", False,
-         "Deterministic ops (tf.config.experimental.enable_op_determinism) and a fixed "
-         "data order: two runs give bitwise-equal weights on the CPU.")
-  _track(f.DEFINE_bool, "jit_compile", False, "Compile the training step with XLA.")
-  _track(f.DEFINE_string, "mixed_precision", "none", "none, float16 or bfloat16.")
-
-
-def _define_monitoring_flags():
-  """Logs, probes, kNN, spectra, the augmentation preview, the console."""
-  f = flags
-  _track(f.DEFINE_integer, "log_every_steps", 10, "TensorBoard scalar interval, in steps.")
-  _track(f.DEFINE_string, "eval_dataset", "",
-         "The labelled set the end-of-training probe and the kNN monitor use ('digits', "
-         "'folder' or a tensorflow-datasets name; empty: the training set). Without "
-         "one, --dataset=images skips them, saying so.")
-  _track(f.DEFINE_string, "eval_data_dir", "",
-         "With --eval_dataset=folder: <eval_train_split>/<class>/<image> and "
-         "<eval_test_split>/<class>/<image>.")
-  _track(f.DEFINE_string, "eval_train_split", "train",
-         "--eval_dataset's split the probe trains on.")
-  _track(f.DEFINE_string, "eval_test_split", "test",
-         "--eval_dataset's split the probe and kNN are measured on.")
-  _track(f.DEFINE_integer, "probe_epochs", 100,
-         "Epochs of the linear probe after pretraining; 0 skips the probe.")
-  _track(f.DEFINE_bool, "probe_random", True,
-         "Also probe a randomly initialised encoder of the same architecture.")
-  _track(f.DEFINE_bool, "online_probe", False,
-         "Train a linear head on stop-gradient features alongside (logs probe_top1).")
-  _track(f.DEFINE_float, "online_probe_lr", 0.1, "Learning rate of the online probe.")
-  _track(f.DEFINE_integer, "knn_every_epochs", 0,
-         "kNN top-1 on the test split every N epochs (0: off).")
-  _track(f.DEFINE_list, "knn_k", ["20", "200"], "Neighbour counts of the kNN monitor.")
-  _track(f.DEFINE_float, "knn_temperature", 0.07, "Temperature of the kNN votes.")
-  _track(f.DEFINE_integer, "monitor_every_steps", 50,
-         "Covariance spectra, effective rank, LDMI and collapse checks every N steps "
-         "(0: off).")
-  _track(f.DEFINE_float, "collapse_rank_share", 0.1,
-         "Warn of dimensional collapse when the effective rank of R falls below this "
-         "share of D.")
-  _track(f.DEFINE_integer, "preview_images", 8,
-         "Images in the augmentation preview written at the start of training (0: off).")
-  _track(f.DEFINE_bool, "preview_only", False,
-         "Write the augmentation preview (TensorBoard and preview.png) and exit.")
-  _track(f.DEFINE_string, "verbose", "auto",
-         "Keras fit verbosity: auto (progress bar on a terminal, a line per epoch "
-         "otherwise), 0, 1 or 2.")
 
 
 def define_encoder_flag(help_text):

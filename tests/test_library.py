@@ -243,6 +243,10 @@ def test_wheel_installed_in_a_folder_trains_a_vit_and_exports_it(tmp_path):
                 str(work), env)
   result = json.loads(linear.stdout.strip().splitlines()[-1])
   assert result["top1"] > 10.0 and result["num_classes"] == 10
+  _run([sys.executable, "-m", "corinfomax_tf.embed", f"--encoder={export}",
+        "--dataset=digits", "--max_images=64", "--output_dir=embed"], str(work), env)
+  with np.load(work / "embed" / "embeddings.npz") as saved:
+    assert saved["features"].shape == (64, 16)
   # Continued pretraining from the exported preset starts from its weights: a step
   # at a learning rate of 1e-30 leaves a ViT (no BatchNorm) where the preset was.
   _run([sys.executable, "-m", "corinfomax_tf.train", "--flagfile=configs/smoke.cfg",
@@ -267,6 +271,10 @@ def test_mobilenet_from_its_config_pretrains_exports_and_evaluates(tmp_path):
   knn = _run([sys.executable, "-m", "corinfomax_tf.knn_eval", f"--encoder={export}",
               "--dataset=digits", "--image_size=8", "--k=5"], str(tmp_path))
   assert json.loads(knn.stdout.strip().splitlines()[-1])["k5_top1"] > 10.0
+  finetune = _run([sys.executable, "-m", "corinfomax_tf.finetune", f"--encoder={export}",
+                   "--dataset=digits", "--epochs=1", "--batch_size=32",
+                   f"--workdir={tmp_path}/finetune"], str(tmp_path))
+  assert json.loads(finetune.stdout.strip().splitlines()[-1])["top1"] > 10.0
   detect = subprocess.run([sys.executable, "-m", "corinfomax_tf.detect",
                            f"--encoder={export}", "--epochs=1"], capture_output=True,
                           text=True, cwd=str(tmp_path), env=ENV, timeout=300)

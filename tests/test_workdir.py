@@ -217,8 +217,8 @@ def test_a_downstream_resume_with_other_settings_is_refused_naming_the_flag(tmp_
   with pytest.raises(errors.ConfigError, match=r"--lr=0.5: the workdir .* was trained "
                      r"with lr=0.2; use a new --output_dir or the same value"):
     start(dataclasses.replace(cfg, lr=0.5))
-  with pytest.raises(errors.ConfigError, match=r"--image_size=32: the workdir"):
-    start(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=32)))
+  with pytest.raises(errors.ConfigError, match=r"--image_size=64: the workdir"):
+    start(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=64)))
 
 
 def test_a_file_system_without_locks_is_one_line(tmp_path, monkeypatch):

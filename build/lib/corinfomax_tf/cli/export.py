@@ -1,0 +1,34 @@
+r"""Export the encoder of a training workdir as a SavedModel.
+
+    python export/export_encoder.py --workdir=runs/c10 --export_dir=runs/c10/export
+    python -m corinfomax_tf.export --workdir=runs/c10 --export_dir=runs/c10/export
+
+Writes runs/c10/export.steps/<step>/ and points the link runs/c10/export at it; the
+export is reloaded and checked against the live encoder before the command returns.
+See export/README.md for the signatures.
+"""
+
+from absl import flags
+
+from corinfomax_tf.cli import runner
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "Training workdir to export from.")
+  flags.DEFINE_string("export_dir", None, "Path of the export (a link to the newest step).")
+  flags.DEFINE_string("checkpoint", None, "A checkpoint prefix; default: the latest.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing export of the same step.")
+
+
+def main(flag_values):
+  from corinfomax_tf import config as config_lib
+  cfg = config_lib.export_from_flags(flag_values)
+  from corinfomax_tf.export import saved_model
+  path, step = saved_model.export_workdir(cfg.workdir, cfg.export_dir, cfg.checkpoint,
+                                          overwrite=cfg.overwrite)
+  runner.log(f"Exported step {step} to {path}; {cfg.export_dir} -> it; reload check passed")
+
+
+def run():
+  runner.run(main, define_flags, required=[("workdir", "the training workdir"),
+                                           ("export_dir", "where the export goes")])

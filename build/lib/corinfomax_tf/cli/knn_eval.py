@@ -1,0 +1,50 @@
+r"""kNN evaluation of a frozen encoder (cosine similarity, temperature-weighted votes).
+
+    python -m corinfomax_tf.knn_eval --encoder=runs/digits/export --dataset=digits --image_size=16
+
+See corinfomax_tf/evaluation/knn.py. The result goes to <output_dir>/knn_eval.json
+(default: <encoder's parent>/knn_eval).
+"""
+
+import dataclasses
+import json
+
+from absl import flags
+
+from corinfomax_tf.cli import runner
+
+
+def define_flags():
+  from corinfomax_tf import flags as flags_lib
+  flags_lib.define_data_flags()
+  flags_lib.define_encoder_flag("Encoder export directory or training workdir.")
+  flags.DEFINE_string("output_dir", "", "Where results go; default: <encoder's parent>/knn_eval.")
+  flags.DEFINE_integer("num_classes", 0, "Expected class count (0: the data set's).")
+  flags.DEFINE_list("k", ["20", "200"], "Neighbour counts.")
+  flags.DEFINE_float("temperature", 0.07, "Vote temperature.")
+
+
+def main(flag_values):
+  from corinfomax_tf import config as config_lib
+  cfg = config_lib.knn_eval_from_flags(flag_values)
+  from corinfomax_tf.data import datasets
+  from corinfomax_tf.evaluation import knn
+  from corinfomax_tf.export import saved_model
+  from corinfomax_tf.training import workdir as workdir_lib
+  encoder = saved_model.load_encoder(cfg.encoder)
+  cfg = dataclasses.replace(cfg, data=datasets.resolve_image_size(cfg.data, encoder.metadata,
+                                                                  runner.log))
+  source = datasets.load_eval_source(cfg.data, encoder.image_size, cfg.num_classes,
+                                     log=runner.log)
+  with workdir_lib.Workdir(cfg.workdir, flag="--output_dir", command="corinfomax_tf.knn_eval",
+                           log=runner.log) as workdir:
+    result = knn.run_knn_eval(encoder, source, image_size=cfg.data.image_size, ks=cfg.k,
+                              temperature=cfg.temperature)
+    result.update(saved_model.provenance(cfg.encoder, encoder.metadata, cfg.data.dataset))
+    workdir.write_json(knn.RESULT_FILE, result)
+  runner.log(json.dumps(result, sort_keys=True))
+
+
+def run():
+  runner.run(main, define_flags, required=[
+      ("encoder", "an export directory or a training workdir")])

@@ -1,0 +1,64 @@
+r"""Linear evaluation of a frozen encoder, the paper's protocol.
+
+    python -m corinfomax_tf.linear_eval --flagfile=configs/linear_cifar10.cfg \
+        --encoder=runs/c10/export
+
+The encoder is an export (export/export_encoder.py) or a training workdir; see
+corinfomax_tf/evaluation/linear.py for the protocol. --output_dir (default:
+<encoder's parent>/linear_eval) is the command's workdir: locked while it runs,
+checkpoints after every epoch (rerunning resumes exactly), TensorBoard logs under
+train/ and eval/, and linear_eval.json.
+"""
+
+import dataclasses
+import json
+
+from absl import flags
+
+from corinfomax_tf.cli import runner
+
+
+def define_flags():
+  from corinfomax_tf import flags as flags_lib
+  flags_lib.define_data_flags()
+  flags_lib.define_encoder_flag("Encoder export directory or training workdir.")
+  flags.DEFINE_string("output_dir", "",
+                      "The workdir: checkpoints, logs and linear_eval.json; default: "
+                      "<encoder's parent>/linear_eval.")
+  flags.DEFINE_integer("num_classes", 0, "Expected class count (0: the data set's).")
+  flags.DEFINE_integer("epochs", 100, "Epochs of the linear classifier.")
+  flags.DEFINE_integer("batch_size", 256, "Batch size.")
+  flags.DEFINE_float("lr", 0.2, "Base learning rate.")
+  flags.DEFINE_float("min_lr", 2e-3, "Final learning rate of the cosine schedule.")
+  flags.DEFINE_enum("schedule", "cosine", ["cosine", "step"],
+                    "cosine (lr -> min_lr) or step (divide by 10 every --step_epochs).")
+  flags.DEFINE_integer("step_epochs", 20, "Step schedule: epochs between decays.")
+  flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+  flags.DEFINE_float("weight_decay", 0.0, "Coupled L2 weight decay.")
+  flags.DEFINE_bool("augment", True, "Random resized crop + flip on training images.")
+  flags.DEFINE_float("crop_min_scale", 0.08, "Random resized crop: smallest area share.")
+  flags.DEFINE_bool("precompute_features", False,
+                    "Compute training features once (requires --noaugment).")
+  flags.DEFINE_integer("eval_every_epochs", 10, "Test-split evaluation interval.")
+  flags_lib.define_lifecycle_flags(keep_checkpoints=2)
+
+
+def main(flag_values):
+  from corinfomax_tf import config as config_lib
+  cfg = config_lib.linear_eval_from_flags(flag_values)
+  from corinfomax_tf.data import datasets
+  from corinfomax_tf.evaluation import linear
+  from corinfomax_tf.export import saved_model
+  encoder = saved_model.load_encoder(cfg.encoder)
+  cfg = dataclasses.replace(cfg, data=datasets.resolve_image_size(cfg.data, encoder.metadata,
+                                                                  runner.log))
+  source = datasets.load_eval_source(cfg.data, encoder.image_size, cfg.num_classes,
+                                     log=runner.log)
+  result = linear.run_linear_eval(encoder, source, cfg, log=runner.log)
+  runner.log(json.dumps({k: v for k, v in result.items() if k != "history"},
+                        sort_keys=True))
+
+
+def run():
+  runner.run(main, define_flags, required=[
+      ("encoder", "an export directory or a training workdir")])

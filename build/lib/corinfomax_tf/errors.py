@@ -1,0 +1,49 @@
+"""Errors a user can fix: the command runner prints their message as one line.
+
+Every problem that the person running a command can fix (a flag value, a path, the
+data, the workdir, a run that stopped for a reason they can act on) is a `UserError`.
+`cli.runner` turns it into `error: <message>` on stderr and the exit status of its
+class; anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+  """Base class: one line for the user, exit status `exit_code`."""
+  exit_code = 2
+  prefix = "error"
+
+
+class ConfigError(UserError):
+  """A flag value (or combination) that cannot be used; the message names the flag."""
+
+
+class DataError(UserError):
+  """A data set, folder, file or annotation that cannot be used; the message names it."""
+
+
+class WorkdirError(UserError):
+  """The workdir cannot be used: not writable, full, locked, or no intact checkpoint."""
+
+
+class ExportError(UserError):
+  """An export or encoder path that cannot be used; the message names it."""
+
+
+class TrainingStopped(UserError):
+  """Training stopped before any save (non-finite loss or gradient, a loss spike, a
+  failed checkpoint write); the last good checkpoint is kept."""
+
+
+class WorkerLost(UserError):
+  """Another worker of a multi-worker run stopped; the last checkpoint is kept.
+
+  A temporary failure (EX_TEMPFAIL): a scheduler restarting every worker with the
+  same command resumes the run from its last checkpoint.
+  """
+  exit_code = 75
+
+
+class Preempted(UserError):
+  """SIGTERM/SIGINT: a checkpoint was saved at the current step and the job stopped."""
+  exit_code = 143
+  prefix = "preempted"

@@ -1,0 +1,383 @@
+"""Export of the encoder alone as a SavedModel, and loading encoders back.
+
+An export holds the encoder (no projector, no loss state) with the training
+normalisation inside the graph, and these endpoints (SavedModel signatures):
+
+  serving_default(images: uint8 [B, H, W, 3])      -> {"features": [B, F]}
+  serve_float(images: float32 in [0, 1])            -> {"features": [B, F]}
+  feature_maps(images: float32 in [0, 1])           -> {"P2": ..., "P5": ...}
+  call_inference(images: float32 in [0, 1])         -> [B, F]  (BatchNorm frozen)
+  call_training(images: float32 in [0, 1])          -> [B, F]  (BatchNorm in training mode)
+
+plus the variable collections `variables`, `trainable_variables` and
+`non_trainable_variables`, so that gradients reach every encoder weight after
+`tf.saved_model.load`, and `keras.layers.TFSMLayer(path, call_endpoint="call_inference",
+call_training_endpoint="call_training")` wraps it as a trainable Keras layer.
+
+What produced the export (architecture, input size, normalisation, step, the whole
+training config) is in `assets.extra/corinfomax_tf.json`, and is returned by the
+`metadata()` function of the loaded object.
+
+Beside the SavedModel, `<export_dir>/preset` is a keras-hub preset of the same weights
+(`models.backbone.CorInfoMaxBackbone`: the last feature map, normalised images in):
+`keras_hub.models.Backbone.from_preset(<export_dir>/preset)` loads it on any Keras
+backend after `import corinfomax_tf.models.backbone`; its `metadata.json` holds the
+same metadata under "corinfomax_tf".
+
+Exports are written into step-numbered directories next to the requested path
+(`<export_dir>.steps/<step>/`), each first written under a temporary name and then
+renamed; `<export_dir>` itself is a symbolic link switched atomically to the newest
+step. A reader never sees a half-written export.
+"""
+
+import json
+import os
+import shutil
+
+import keras
+import tensorflow as tf
+from corinfomax_tf import errors
+
+METADATA_FILE = os.path.join("assets.extra", "corinfomax_tf.json")
+FORMAT = "corinfomax_tf.encoder.v1"
+PRESET_DIR = "preset"
+
+
+# ----------------------------------------------------------------------------
+# Restoring the encoder of a training workdir.
+# ----------------------------------------------------------------------------
+
+
+def restore_encoder(workdir, checkpoint=None):
+  """(encoder, config dict, step, checkpoint path) from a training workdir's newest
+  intact (or the given) checkpoint; raises a UserError naming the workdir or file."""
+  from corinfomax_tf.models import factory
+  from corinfomax_tf.training import workdir as workdir_lib
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise errors.ExportError(f"--workdir={workdir}: no config.json (not a training workdir)")
+  with open(config_path) as fh:
+    config = json.load(fh)
+  directory = os.path.join(workdir, "checkpoints")
+  if checkpoint and not tf.io.gfile.exists(checkpoint + ".index"):
+    raise errors.ExportError(f"--checkpoint={checkpoint}: no such checkpoint")
+  # Any backbone: what rebuilds it is in architecture.json; workdirs of earlier
+  # releases (ResNets only) have none and name depth, stem and width in config.json.
+  architecture_path = os.path.join(workdir, factory.ARCHITECTURE_FILE)
+  architecture = config["model"]
+  if os.path.isfile(architecture_path):
+    with open(architecture_path) as fh:
+      architecture = json.load(fh)
+  encoder = factory.encoder_from_architecture(architecture)
+  step = tf.Variable(0, dtype=tf.int64)
+  # A reader: damaged checkpoints are skipped (with a warning), never moved.
+  checkpoints = workdir_lib.Checkpoints(tf.train.Checkpoint(encoder=encoder, step=step),
+                                        directory, keep=1, chief=False)
+  path = (checkpoints.restore_from(checkpoint, partial=True) if checkpoint else
+          checkpoints.restore_latest(partial=True))
+  if not path:
+    raise errors.ExportError(f"--workdir={workdir}: holds no checkpoint yet")
+  return encoder, config, int(step.numpy()), path
+
+
+def metadata_for(encoder, config, step, checkpoint_path=""):
+  from corinfomax_tf.models import factory
+  data = config["data"]
+  return {
+      "format": FORMAT,
+      "architecture": factory.architecture(encoder),
+      "image_size": data["image_size"],
+      "normalization": {"mean": list(data["mean"]), "std": list(data["std"])},
+      "input": "serving_default: uint8 pixels; other endpoints: float32 in [0, 1]",
+      "dataset": data["dataset"],
+      "step": step,
+      "checkpoint": checkpoint_path,
+      "config": config,
+  }
+
+
+# ----------------------------------------------------------------------------
+# Writing.
+# ----------------------------------------------------------------------------
+
+
+def build_archive(backbone, metadata):
+  """The SavedModel's endpoints: pooled features (the backbone ends with a feature
+  map), the stage outputs, the metadata, and the variables."""
+  from corinfomax_tf.models import pooling
+  mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
+  std = tf.constant(metadata["normalization"]["std"], tf.float32)
+  encoder = pooling.pooled_model(backbone)
+  pyramid = _pyramid_model(backbone)
+  metadata_json = json.dumps(metadata, sort_keys=True)
+
+  def normalize(images01):
+    return (tf.cast(images01, tf.float32) - mean) / std
+
+  any_uint8 = [tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
+  any_float = [tf.TensorSpec([None, None, None, 3], tf.float32, name="images")]
+  archive = keras.export.ExportArchive()
+  archive.track(encoder)
+  if pyramid is not None:
+    archive.track(pyramid)
+  archive.add_endpoint(
+      "serving_default",
+      lambda images: {"features": encoder(normalize(tf.cast(images, tf.float32) / 255.0),
+                                          training=False)},
+      input_signature=any_uint8)
+  archive.add_endpoint(
+      "serve_float",
+      lambda images: {"features": encoder(normalize(images), training=False)},
+      input_signature=any_float)
+  if pyramid is not None:
+    archive.add_endpoint("feature_maps",
+                         lambda images: pyramid(normalize(images), training=False),
+                         input_signature=any_float)
+  archive.add_endpoint("call_inference", lambda images: encoder(normalize(images),
+                                                                training=False),
+                       input_signature=any_float)
+  archive.add_endpoint("call_training", lambda images: encoder(normalize(images),
+                                                               training=True),
+                       input_signature=any_float)
+  archive.add_endpoint("metadata", lambda: tf.constant(metadata_json), input_signature=[])
+  archive.add_variable_collection("variables", encoder.variables)
+  archive.add_variable_collection("trainable_variables", encoder.trainable_variables)
+  archive.add_variable_collection("non_trainable_variables",
+                                  encoder.non_trainable_variables)
+  return archive
+
+
+def _pyramid_model(backbone):
+  """{"P2": ..., ...} feature maps: our ResNet's stage outputs, a keras-hub
+  FeaturePyramidBackbone's pyramid; None for a backbone without one."""
+  from corinfomax_tf.models import backbone as backbone_lib
+  if isinstance(backbone, backbone_lib.CorInfoMaxBackbone):
+    return backbone_lib.stage_model(backbone)
+  outputs = getattr(backbone, "pyramid_outputs", None)
+  if not outputs:
+    return None
+  return keras.Model(backbone.input, dict(outputs), name=f"{backbone.name}_pyramid")
+
+
+def steps_dir(export_dir):
+  return os.path.normpath(export_dir) + ".steps"
+
+
+def is_our_export(path):
+  return os.path.isfile(os.path.join(path, METADATA_FILE))
+
+
+def write_export(backbone, metadata, export_dir, overwrite=False):
+  """Writes <export_dir>.steps/<step>/ atomically and points <export_dir> at it.
+
+  Returns the step directory. Refuses (errors.ExportError) an export_dir that exists and
+  is not one of our exports, and an existing step unless `overwrite`.
+  """
+  export_dir = os.path.normpath(export_dir)
+  if os.path.lexists(export_dir) and not os.path.islink(export_dir):
+    raise errors.ExportError(f"--export_dir={export_dir}: exists and is not an export link of "
+                      "corinfomax_tf; choose another path")
+  if os.path.islink(export_dir) and not is_our_export(export_dir):
+    raise errors.ExportError(f"--export_dir={export_dir}: is a link to something that is not a "
+                      "corinfomax_tf export")
+  root = steps_dir(export_dir)
+  os.makedirs(root, exist_ok=True)
+  final = os.path.join(root, str(metadata["step"]))
+  if os.path.exists(final) and not overwrite:
+    raise errors.ExportError(f"--export_dir={export_dir}: step {metadata['step']} is already "
+                      f"exported at {final} (pass --overwrite to replace it)")
+  tmp = os.path.join(root, f".tmp-{metadata['step']}-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  build_archive(backbone, metadata).write_out(tmp, verbose=False)
+  os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+  with open(os.path.join(tmp, METADATA_FILE), "w") as fh:
+    json.dump(metadata, fh, indent=2, sort_keys=True)
+  if has_preset_support(backbone):
+    write_preset(backbone, metadata, os.path.join(tmp, PRESET_DIR))
+  if os.path.exists(final):
+    old = f"{final}.old-{os.getpid()}"
+    os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old)
+  else:
+    os.rename(tmp, final)
+  _point_link(export_dir, os.path.relpath(final, os.path.dirname(export_dir) or "."))
+  return final
+
+
+def has_preset_support(backbone):
+  """keras-hub presets hold keras-hub `Backbone`s (ours is one); a plain keras.Model
+  is exported as a SavedModel only."""
+  import keras_hub
+  return isinstance(backbone, keras_hub.models.Backbone)
+
+
+def write_preset(backbone, metadata, preset_dir):
+  """The backbone as a keras-hub preset, with the export's metadata (how it was
+  trained, how to normalise) in its metadata.json."""
+  backbone.save_to_preset(preset_dir)
+  path = os.path.join(preset_dir, "metadata.json")
+  with open(path) as fh:
+    preset_metadata = json.load(fh)
+  preset_metadata["corinfomax_tf"] = metadata
+  with open(path, "w") as fh:
+    json.dump(preset_metadata, fh, indent=2, sort_keys=True)
+
+
+def load_preset(path):
+  """(keras-hub backbone, export metadata) of an export's preset (or a preset dir)."""
+  import keras_hub
+
+  from corinfomax_tf.models import backbone  # noqa: F401  (registers the class)
+  preset = os.path.join(path, PRESET_DIR) if is_our_export(path) else path
+  if not os.path.isfile(os.path.join(preset, "config.json")):
+    raise errors.ExportError(f"--encoder={path}: holds no keras-hub preset (its backbone "
+                             "is not a keras-hub Backbone, or it was exported before "
+                             "presets were written)")
+  with open(os.path.join(preset, "metadata.json")) as fh:
+    metadata = json.load(fh)["corinfomax_tf"]
+  return keras_hub.models.Backbone.from_preset(preset), metadata
+
+
+def _point_link(link, target):
+  tmp = f"{link}.tmp-link-{os.getpid()}"
+  if os.path.lexists(tmp):
+    os.remove(tmp)
+  os.symlink(target, tmp)
+  os.replace(tmp, link)
+
+
+# ----------------------------------------------------------------------------
+# Loading.
+# ----------------------------------------------------------------------------
+
+
+def read_metadata(path):
+  if not is_our_export(path):
+    raise errors.ExportError(f"--encoder={path}: not a corinfomax_tf encoder export "
+                      f"(no {METADATA_FILE})")
+  with open(os.path.join(path, METADATA_FILE)) as fh:
+    metadata = json.load(fh)
+  if metadata.get("format") != FORMAT:
+    raise errors.ExportError(f"--encoder={path}: export format {metadata.get('format')!r}, "
+                      f"expected {FORMAT!r}")
+  return metadata
+
+
+def provenance(path, metadata, dataset):
+  """What a downstream result was computed from: the encoder and its step, the data."""
+  return {"encoder": os.path.abspath(path), "encoder_step": metadata["step"],
+          "dataset": dataset}
+
+
+class FrozenEncoder:
+  """A callable on float images in [0, 1] -> pooled features, from an export or a
+  training workdir, with the export's metadata."""
+
+  def __init__(self, fn, metadata, trainable_variables=(), owner=None):
+    self._fn = fn
+    # The loaded SavedModel (or Keras model) owning the variables: the function
+    # alone does not keep them alive.
+    self._owner = owner
+    self.metadata = metadata
+    self.trainable_variables = list(trainable_variables)
+
+  @property
+  def image_size(self):
+    return self.metadata["image_size"]
+
+  @property
+  def feature_dim(self):
+    return self.metadata["architecture"]["feature_dim"]
+
+  @property
+  def architecture(self):
+    return self.metadata["architecture"]
+
+  def __call__(self, images01, training=False):
+    # Frozen: BatchNorm in inference mode whatever `training` says.
+    return self._fn(images01)
+
+
+def load_encoder(path):
+  """An export directory (or its link) or a training workdir -> FrozenEncoder."""
+  if not os.path.exists(path):
+    raise errors.ExportError(f"--encoder={path}: does not exist")
+  if is_our_export(path):
+    metadata = read_metadata(path)
+    loaded = tf.saved_model.load(path)
+    return FrozenEncoder(loaded.call_inference, metadata, loaded.trainable_variables,
+                         owner=loaded)
+  if os.path.isfile(os.path.join(path, "config.json")):
+    from corinfomax_tf.models import pooling
+    backbone, config, step, _ = restore_encoder(path)
+    metadata = metadata_for(backbone, config, step)
+    encoder = pooling.pooled_model(backbone)
+    mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
+    std = tf.constant(metadata["normalization"]["std"], tf.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def call(images01):
+      return encoder((images01 - mean) / std, training=False)
+    return FrozenEncoder(call, metadata, encoder.trainable_variables, owner=encoder)
+  raise errors.ExportError(f"--encoder={path}: neither a corinfomax_tf export nor a training "
+                    "workdir")
+
+
+def load_trainable_encoder(path):
+  """(backbone, metadata): a live, trainable encoder for fine-tuning, from
+  an export's keras-hub preset or a training workdir's checkpoint.
+
+  The preset is checked against the SavedModel beside it (pooled features on a random
+  batch), so an export whose two halves disagree can never go unnoticed. The backbone
+  takes normalised images (metadata["normalization"]) and returns its last feature map.
+  """
+  import numpy as np
+
+  from corinfomax_tf.models import pooling
+  if not os.path.exists(path):
+    raise errors.ExportError(f"--encoder={path}: does not exist")
+  if os.path.isfile(os.path.join(path, "config.json")) and not is_our_export(path):
+    backbone, config, step, _ = restore_encoder(path)
+    return backbone, metadata_for(backbone, config, step)
+  read_metadata(path)  # one line if it is not an export of ours
+  backbone, metadata = load_preset(path)
+  size = metadata["image_size"]
+  images = tf.random.stateless_uniform([2, size, size, 3], seed=[0, 1])
+  mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
+  std = tf.constant(metadata["normalization"]["std"], tf.float32)
+  loaded = tf.saved_model.load(path)  # held: its function needs its variables
+  want = loaded.call_inference(images).numpy()
+  got = np.asarray(pooling.pool(backbone, backbone((images - mean) / std, training=False)))
+  if not np.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max())):
+    raise errors.ExportError(f"--encoder={path}: its preset does not reproduce the "
+                             "SavedModel's features (max difference "
+                             f"{np.abs(got - want).max():.3g}); re-export it")
+  return backbone, metadata
+
+
+def export_workdir(workdir, export_dir, checkpoint="", overwrite=False):
+  """Exports the encoder of a training workdir's checkpoint (default: the latest),
+  then proves the export reloads and computes what the live encoder computes.
+  Returns (export path, step)."""
+  import numpy as np
+
+  from corinfomax_tf.models import pooling
+  backbone, config, step, checkpoint = restore_encoder(workdir, checkpoint or None)
+  metadata = metadata_for(backbone, config, step, checkpoint)
+  path = write_export(backbone, metadata, export_dir, overwrite=overwrite)
+  encoder = pooling.pooled_model(backbone)
+  size = metadata["image_size"]
+  images = np.random.RandomState(0).randint(0, 256, (3, size, size, 3)).astype(np.uint8)
+  loaded = tf.saved_model.load(path)
+  got = loaded.signatures["serving_default"](images=tf.constant(images))["features"]
+  mean = np.array(metadata["normalization"]["mean"], np.float32)
+  std = np.array(metadata["normalization"]["std"], np.float32)
+  want = encoder((images.astype(np.float32) / 255.0 - mean) / std, training=False)
+  np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+  if has_preset_support(backbone):
+    preset, _ = load_preset(path)
+    pooled = pooling.pool(preset, preset((images.astype(np.float32) / 255.0 - mean) / std,
+                                         training=False))
+    np.testing.assert_allclose(np.asarray(pooled), got.numpy(), rtol=1e-4, atol=1e-5)
+  return path, step

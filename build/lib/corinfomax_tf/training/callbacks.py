@@ -1,0 +1,323 @@
+"""Training callbacks: checkpoints, the non-finite guard, scalars and throughput."""
+
+import collections
+import contextlib
+import math
+import signal
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from corinfomax_tf import errors
+
+
+class StepValues:
+  """Each step's own values from Keras' logs, which are means since the epoch began:
+  value_b = (b+1)*mean_b - b*mean_(b-1). Call reset() at every epoch start."""
+
+  def __init__(self):
+    self._prev = {}
+
+  def reset(self):
+    self._prev = {}
+
+  def __call__(self, batch, logs):
+    means = {k: _scalar(v) for k, v in logs.items()}
+    values = {k: (batch + 1) * m - batch * self._prev.get(k, m) for k, m in means.items()}
+    self._prev = means
+    return values
+
+
+def _scalar(value):
+  return float(np.asarray(value).reshape(-1)[0])
+
+
+class FiniteLossGuard(keras.callbacks.Callback):
+  """Stops training with a clear error as soon as the loss or the gradient is not
+  finite.
+
+  Runs on every batch, before the checkpoint callback's next save (and before a
+  preemption save), so the last checkpoint written is the last good one. A
+  non-finite gradient with a finite loss has already been applied to the weights in
+  memory: they are never saved. (Under float16 loss scaling an overflowing step is
+  skipped by the optimizer and logs a gradient norm of 0: not an error.)
+  """
+
+  def __init__(self, workdir):
+    super().__init__()
+    self.workdir = workdir
+
+  def on_train_batch_end(self, batch, logs=None):
+    for key, what in (("loss", "loss"), ("grad_norm", "gradient norm")):
+      if key not in logs:
+        continue
+      value = _scalar(logs[key])
+      if not math.isfinite(value):
+        step = int(self.model.step_counter.numpy())
+        raise errors.TrainingStopped(
+            f"{what} is {value} after step {step}: training stopped; the last good "
+            f"checkpoint in {self.workdir} is kept (lower --lr, raise --eps, or check "
+            "the data)")
+
+
+class LossSpikeGuard(keras.callbacks.Callback):
+  """Optional: stops training when one step's loss exceeds `factor` times the median
+  of the previous `window` steps' losses (a divergence that has not reached NaN yet).
+
+  With the projector's outputs l2-normalised (and R starting at I) the eigenvalues
+  of R stay at most about 1, so the loss stays positive and a ratio to the median
+  is meaningful. Runs on every batch before any
+  save, like the non-finite guard; the median needs a full window first, so the
+  first `window` steps of a run (or of a resumed run) are never judged.
+  """
+
+  def __init__(self, factor, window, workdir):
+    super().__init__()
+    self.factor, self.window, self.workdir = factor, window, workdir
+    self.recent = collections.deque(maxlen=window)
+    self.step_values = StepValues()
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.step_values.reset()
+
+  def on_train_batch_end(self, batch, logs=None):
+    loss = self.step_values(batch, {"loss": logs["loss"]})["loss"]
+    if len(self.recent) == self.window:
+      median = float(np.median(self.recent))
+      if median > 0 and loss > self.factor * median:
+        step = int(self.model.step_counter.numpy())
+        raise errors.TrainingStopped(
+            f"loss {loss:.4g} at step {step} is over --loss_spike_factor={self.factor:g} "
+            f"times the median {median:.4g} of the previous {self.window} steps: training "
+            f"stopped; the last good checkpoint in {self.workdir} is kept (lower --lr, "
+            "or raise --loss_spike_factor)")
+    self.recent.append(loss)
+
+
+class CheckpointSaver(keras.callbacks.Callback):
+  """Saves a checkpoint at the end of every epoch, numbered by the global step
+  (`checkpoints`: a workdir's `Checkpoints`)."""
+
+  def __init__(self, checkpoints):
+    super().__init__()
+    self.checkpoints = checkpoints
+
+  def on_epoch_end(self, epoch, logs=None):
+    terms = {k: v for k, v in (logs or {}).items() if k in ("loss", "attraction", "cov")}
+    if not all(math.isfinite(_scalar(v)) for v in terms.values()):
+      raise errors.TrainingStopped(f"non-finite metrics at the end of epoch {epoch + 1}: "
+                               f"{logs}; no checkpoint written")
+    step = int(self.model.step_counter.numpy())
+    if self.checkpoints.saved_at(step):
+      return  # already saved at this step (a preemption save just before)
+    self.checkpoints.save(step)
+
+
+def scalar_tag(name):
+  """TensorBoard tag of a training log key."""
+  if name == "loss":
+    return "loss/total"
+  if name.startswith("probe_"):
+    return "online_probe/" + name[len("probe_"):]
+  if name == "grad_norm":
+    return "optim/grad_norm"
+  return f"loss/{name}"
+
+
+class PreemptionSaver(keras.callbacks.Callback):
+  """On SIGTERM (a scheduler's preemption) or SIGINT, finishes the current step,
+  saves a checkpoint at that step and stops training.
+
+  The signal handler only sets a flag: the save happens between steps, on the
+  training thread, so a checkpoint is never taken of a half-applied update.
+  """
+
+  def __init__(self, checkpoints):
+    super().__init__()
+    self.checkpoints = checkpoints
+    self.signal_name = None
+    self.saved_step = None
+
+  @property
+  def stopped(self):
+    return self.saved_step is not None
+
+  @contextlib.contextmanager
+  def installed(self):
+    def handler(signum, frame):
+      self.signal_name = signal.Signals(signum).name
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for sig, old in previous.items():
+        signal.signal(sig, old)
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.signal_name is None or self.stopped:
+      return
+    self.saved_step = int(self.model.step_counter.numpy())
+    if not math.isfinite(_scalar(logs["loss"])):
+      raise errors.TrainingStopped(f"loss is not finite at step {self.saved_step}; "
+                               "not saved on preemption")
+    self.checkpoints.save(self.saved_step)
+    self.model.stop_training = True
+
+
+class ScalarLogger(keras.callbacks.Callback):
+  """Writes the loss terms, learning rate and images/s to TensorBoard every N steps."""
+
+  def __init__(self, logdir, every_steps, global_batch_size, learning_rate_fn):
+    super().__init__()
+    self.writer = tf.summary.create_file_writer(logdir)
+    self.every = every_steps
+    self.batch = global_batch_size
+    self.lr_fn = learning_rate_fn
+    self._last_time = None
+    self._last_step = None
+    self.step_values = StepValues()
+
+  def on_train_batch_end(self, batch, logs=None):
+    # Keras' logs are means since the start of the epoch; TensorBoard gets each
+    # step's own value.
+    values = self.step_values(batch, logs)
+    step = int(self.model.step_counter.numpy())
+    if step % self.every:
+      return
+    now = time.perf_counter()
+    with self.writer.as_default(step=step):
+      for name, value in values.items():
+        tf.summary.scalar(scalar_tag(name), value)
+      tf.summary.scalar("optim/learning_rate",
+                        float(self.lr_fn(self.model.optimizer.iterations - 1)))
+      if self._last_time is not None and step > self._last_step:
+        seconds = (now - self._last_time) / (step - self._last_step)
+        tf.summary.scalar("perf/images_per_second", self.batch / seconds)
+        tf.summary.scalar("perf/step_time_ms", 1000.0 * seconds)
+    self._last_time, self._last_step = now, step
+
+  def on_epoch_begin(self, epoch, logs=None):
+    # Do not count the time between epochs (checkpoint writes) as training time.
+    self._last_time = None
+    self.step_values.reset()
+
+  def on_train_end(self, logs=None):
+    self.writer.flush()
+
+
+class Throughput(keras.callbacks.Callback):
+  """Images per second over the epochs after the first (which includes tracing)."""
+
+  def __init__(self, global_batch_size):
+    super().__init__()
+    self.batch = global_batch_size
+    self.samples = []   # (seconds, steps) per epoch
+    self._start = None
+    self._steps = 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._start = time.perf_counter()
+    self._steps = 0
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._steps += 1
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.samples.append((time.perf_counter() - self._start, self._steps))
+
+  def images_per_second(self):
+    timed = self.samples[1:] or self.samples
+    seconds = sum(s for s, _ in timed)
+    steps = sum(n for _, n in timed)
+    return steps * self.batch / seconds if seconds > 0 else float("nan")
+
+
+class KNNMonitor(keras.callbacks.Callback):
+  """kNN top-1 of the frozen encoder on the test split every N epochs (and at the
+  end), written to TensorBoard under eval/ and printed."""
+
+  def __init__(self, train_ds, test_ds, num_classes, every_epochs, ks, temperature,
+               logdir):
+    super().__init__()
+    self.train_ds = train_ds
+    self.test_ds = test_ds
+    self.num_classes = num_classes
+    self.every = every_epochs
+    self.ks = ks
+    self.temperature = temperature
+    self.writer = tf.summary.create_file_writer(logdir)
+    self.last = {}
+
+  def on_epoch_end(self, epoch, logs=None):
+    if (epoch + 1) % self.every:
+      return
+    from corinfomax_tf.evaluation import probes as evaluation
+    encoder = self.model.features
+    train_x, train_y = evaluation.extract_features(encoder, self.train_ds)
+    test_x, test_y = evaluation.extract_features(encoder, self.test_ds)
+    self.last = evaluation.knn_evaluate(train_x, train_y, test_x, test_y, self.num_classes,
+                                        ks=self.ks, temperature=self.temperature)
+    step = int(self.model.step_counter.numpy())
+    with self.writer.as_default(step=step):
+      for name, value in self.last.items():
+        tf.summary.scalar(f"knn/{name}", value)
+    self.writer.flush()
+    print("kNN (epoch %d): %s" % (epoch + 1, ", ".join(
+        f"{k} {v:.2f}%" for k, v in self.last.items())), flush=True)
+
+
+class ProgressBar(keras.callbacks.Callback):
+  """One line per epoch with images/s and the loss terms; on a terminal also a live
+  bar with ETA (redrawn in place at most 5 times a second). Off a terminal (CI
+  logs, files) only the per-epoch lines are written."""
+
+  KEYS = ("loss", "attraction", "cov", "probe_top1")
+
+  def __init__(self, epochs, steps_per_epoch, global_batch_size, interactive,
+               stream=None):
+    super().__init__()
+    self.epochs = epochs
+    self.steps = steps_per_epoch
+    self.batch = global_batch_size
+    self.interactive = interactive
+    self.stream = stream or sys.stdout
+    self._start = self._last_draw = 0.0
+    self._epoch = 0
+
+  def _terms(self, logs):
+    return "  ".join(f"{k} {_scalar(logs[k]):.4g}" for k in self.KEYS if k in (logs or {}))
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch + 1
+    self._start = time.perf_counter()
+    self._last_draw = 0.0
+
+  def on_train_batch_end(self, batch, logs=None):
+    if not self.interactive:
+      return
+    now = time.perf_counter()
+    done = batch + 1
+    if now - self._last_draw < 0.2 and done < self.steps:
+      return
+    self._last_draw = now
+    elapsed = now - self._start
+    rate = done * self.batch / elapsed if elapsed > 0 else 0.0
+    eta = (self.steps - done) * elapsed / done
+    width = 20
+    filled = int(width * done / self.steps)
+    bar = "=" * filled + ">" * (filled < width) + "." * (width - filled - 1)
+    self.stream.write(f"\rEpoch {self._epoch}/{self.epochs} [{bar[:width]}] {done}/{self.steps}"
+                      f"  ETA {eta:4.0f}s  {rate:.0f} img/s  {self._terms(logs)}\x1b[K")
+    self.stream.flush()
+
+  def on_epoch_end(self, epoch, logs=None):
+    elapsed = time.perf_counter() - self._start
+    rate = self.steps * self.batch / elapsed if elapsed > 0 else 0.0
+    self.stream.write(f"\rEpoch {epoch + 1}/{self.epochs}: {self.steps} steps in "
+                      f"{elapsed:.1f}s, {rate:.0f} img/s  {self._terms(logs)}\x1b[K\n"
+                      if self.interactive else
+                      f"Epoch {epoch + 1}/{self.epochs}: {self.steps} steps in "
+                      f"{elapsed:.1f}s, {rate:.0f} img/s  {self._terms(logs)}\n")
+    self.stream.flush()
