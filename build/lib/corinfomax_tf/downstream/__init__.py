@@ -1,1 +1,0 @@
-"""Downstream tasks on a pretrained encoder: semi-supervised fine-tuning, detection."""
