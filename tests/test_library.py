@@ -260,9 +260,13 @@ def test_wheel_installed_in_a_folder_trains_a_vit_and_exports_it(tmp_path):
 @pytest.mark.slow
 def test_mobilenet_from_its_config_pretrains_exports_and_evaluates(tmp_path):
   mobilenet = helpers.write_backbone_config(tmp_path / "mobilenet.json", "mobilenet")
-  train = _run([sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={helpers.SMOKE}",
-                f"--backbone_config={mobilenet}", f"--workdir={tmp_path}/run", "--export",
-                "--probe_epochs=2"], str(tmp_path))
+  command = [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={helpers.SMOKE}",
+             f"--backbone_config={mobilenet}", f"--workdir={tmp_path}/run", "--probe_epochs=2"]
+  first = json.loads(_run(command, str(tmp_path)).stdout.strip().splitlines()[-1])
+  assert "export" not in first
+  # A finished run asked again with --export is not trained again, but exported.
+  train = _run(command + ["--export"], str(tmp_path))
+  assert "Already trained: step 6 of 6" in train.stdout and "Exported step 6" in train.stdout
   summary = json.loads(train.stdout.strip().splitlines()[-1])
   assert summary["probe"]["top1"] > 10.0 and summary["export"]
   export = str(tmp_path / "run" / "export")

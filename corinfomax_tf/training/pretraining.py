@@ -142,7 +142,9 @@ class PretrainingJob:
         self.fit()
       else:
         self.log(f"Already trained: step {self.step} of {self.total_steps} in {t.workdir}")
-        if "probe" in self.previous or t.probe_epochs == 0:
+        # Done unless a rerun asks for what the first run did not do (an export).
+        if (("probe" in self.previous or t.probe_epochs == 0) and
+            (not t.export or "export" in self.previous)):
           return self.previous
       self.summary["step"] = int(self.model.step_counter.numpy())
       if t.export and self.chief:
@@ -450,7 +452,6 @@ class PretrainingJob:
 
   def evaluate(self):
     """The quick linear probe of the trained (and of a random) encoder, on the chief."""
-    import keras
     import tensorflow as tf
 
     from corinfomax_tf.evaluation import probes
