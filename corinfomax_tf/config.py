@@ -1,8 +1,15 @@
 """Frozen configuration objects, built from flags at the edge and validated.
 
-Library code takes these (or plain arguments), never FLAGS. `from_flags` is the only
-place that reads absl flags; every validation error is an errors.ConfigError whose message
-names the flag and the value received.
+Each setting is a dataclass field declared with `setting(default, help, choices,
+check)`: the command-line flag of the same name is derived from it
+(`flags.define_config_flags`) and its range check runs when the config is built
+(`validate_fields`), so a default, its help and its check live in one place. Checks
+that involve several flags stay in the `*_from_flags` functions.
+
+Library code takes these (or plain arguments), never FLAGS. The `*_from_flags`
+functions are the only places that read absl flags (or any namespace); every
+validation error is an errors.ConfigError whose message names the flag and the value
+received.
 """
 
 import dataclasses
@@ -26,13 +33,52 @@ NORMALIZATIONS = {
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
-def setting(default, help, choices=None):  # noqa: A002  (the flag's help text)
-  """A config field that is also a command-line flag of the same name: its default
-  and help live here, and `flags.define_config_flags` derives the flag from them."""
+def setting(default, help, choices=None, check=None):  # noqa: A002  (the flag's help)
+  """A config field that is also a command-line flag of the same name: its default,
+  help, choices and validation live here; `flags.define_config_flags` derives the
+  flag, `validate_fields` applies `check` (">= 1", "> 0", "in [0, 1)", ..., with an
+  optional "; note" shown in parentheses) naming the flag."""
   metadata = {"help": help}
   if choices:
     metadata["choices"] = tuple(choices)
+  if check:
+    _rule(check)  # a typo in a rule fails at import, not at a user's bad value
+    metadata["check"] = check
   return dataclasses.field(default=default, metadata=metadata)
+
+
+_COMPARE = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b}
+
+
+def _rule(check):
+  """">= 1; note" -> (predicate, "must be >= 1 (note)")."""
+  rule, _, note = check.partition("; ")
+  requirement = f"must be {rule}" + (f" ({note})" if note else "")
+  m = re.fullmatch(r"(>=|>) (-?[\d.e-]+)", rule)
+  if m:
+    op, bound = m.group(1), float(m.group(2))
+    return (lambda v: _COMPARE[op](v, bound)), requirement
+  m = re.fullmatch(r"in ([\[(])(-?[\d.]+), (-?[\d.]+)([\])])", rule)
+  if not m:
+    raise ValueError(f"Unknown check {check!r}")
+  left, lo, hi, right = m.group(1), float(m.group(2)), float(m.group(3)), m.group(4)
+
+  def inside(v):
+    return ((lo <= v) if left == "[" else (lo < v)) and ((v <= hi) if right == "]"
+                                                          else (v < hi))
+  return inside, requirement
+
+
+def validate_fields(cls, values, names=None, skip=()):
+  """The first field of `cls` (or of `names`) whose `check` the value in `values`
+  (flags or any namespace) fails, as a ConfigError naming the flag."""
+  for field in dataclasses.fields(cls):
+    check = field.metadata.get("check")
+    if not check or field.name in skip or (names is not None and field.name not in names):
+      continue
+    ok, requirement = _rule(check)
+    value = getattr(values, field.name)
+    _check(ok(value), field.name, value, requirement)
 
 
 MIXED_PRECISION = ("none", "float16", "bfloat16")
@@ -59,7 +105,7 @@ class DataConfig:
       'check that the network answers (--notfds_download: never download).')
   train_split: str = setting("train", 'Split (or sub-folder) to pretrain on.')
   test_split: str = setting("test", "Split (or sub-folder) for the probe's test.")
-  image_size: int = setting(32, 'Training crop size.')
+  image_size: int = setting(32, 'Training crop size.', check='>= 8')
   mean: tuple = NORMALIZATIONS["digits"][0]
   std: tuple = NORMALIZATIONS["digits"][1]
   cache: bool = setting(False, 'Cache decoded images of an image folder in memory.')
@@ -80,7 +126,7 @@ class DataConfig:
       ' data_report.json) or stop at the first, naming it.', choices=('skip', 'error'))
   max_image_pixels: int = setting(
       50_000_000,
-      'With --dataset=folder: images with more pixels are skipped as too large.')
+      'With --dataset=folder: images with more pixels are skipped as too large.', check='>= 1')
   # Pretraining only: the labelled set the probe and kNN monitor evaluate on, when it
   # is not the training set (always, for --dataset=images).
   eval_dataset: str = setting(
@@ -143,7 +189,7 @@ class ModelConfig:
       'keras.saving.serialize_keras_object writes it (new random weights).')
   depth: int = setting(18, 'ResNet depth: 18, 34 or 50.')
   stem: str = setting("cifar", 'ResNet stem: cifar or imagenet.')
-  width: int = setting(64, 'Filters of the first ResNet stage (64 standard).')
+  width: int = setting(64, 'Filters of the first ResNet stage (64 standard).', check='>= 1')
   projector: str = setting("2048-2048-64", 'Projector widths, last = D.')
   projector_bn: bool = setting(False, "BatchNorm in the projector's hidden layers.")
   l2_normalize: bool = setting(True, 'L2-normalise projector outputs.')
@@ -167,12 +213,12 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  lr: float = setting(0.5, 'Base learning rate (for the global batch).')
-  momentum: float = setting(0.9, 'SGD momentum.')
-  weight_decay: float = setting(1e-4, 'Coupled L2 weight decay (PyTorch SGD).')
-  warmup_epochs: int = setting(10, 'Linear warm-up epochs.')
+  lr: float = setting(0.5, 'Base learning rate (for the global batch).', check='> 0')
+  momentum: float = setting(0.9, 'SGD momentum.', check='in [0, 1)')
+  weight_decay: float = setting(1e-4, 'Coupled L2 weight decay (PyTorch SGD).', check='>= 0')
+  warmup_epochs: int = setting(10, 'Linear warm-up epochs.', check='>= 0')
   warmup_start_lr: float = setting(3e-3, 'Learning rate at step 0.')
-  min_lr: float = setting(1e-6, 'Learning rate at the end of the cosine.')
+  min_lr: float = setting(1e-6, 'Learning rate at the end of the cosine.', check='>= 0')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,11 +226,11 @@ class TrainConfig:
   workdir: str = setting(
       "runs/default",
       'Checkpoints, TensorBoard logs, resolved flags and summary.json go here.')
-  epochs: int = setting(1000, 'Pretraining epochs.')
-  batch_size: int = setting(512, 'Global batch size (all replicas).')
+  epochs: int = setting(1000, 'Pretraining epochs.', check='>= 1')
+  batch_size: int = setting(512, 'Global batch size (all replicas).', check='>= 2; covariance of a batch')
   steps_per_epoch: int = setting(
       0,
-      'Steps per epoch; 0 = training images // batch size.')
+      'Steps per epoch; 0 = training images // batch size.', check='>= 0')
   seed: int = setting(0, 'Seed of weights, data order and augmentation.')
   strategy: str = setting(
       "default",
@@ -192,7 +238,7 @@ class TrainConfig:
       'multi_worker (TF_CONFIG).')
   num_cpu_devices: int = setting(
       0,
-      'With --strategy=mirrored and no GPU: split the CPU into this many devices.')
+      'With --strategy=mirrored and no GPU: split the CPU into this many devices.', check='>= 0')
   cluster_resolver: str = setting(
       "tf_config",
       'With --strategy=multi_worker: the cluster from TF_CONFIG, '
@@ -200,7 +246,7 @@ class TrainConfig:
   slurm_port_base: int = setting(
       8888,
       "With --cluster_resolver=slurm: first port of the workers' servers.")
-  keep_checkpoints: int = setting(3, 'Checkpoints kept in the workdir.')
+  keep_checkpoints: int = setting(3, 'Checkpoints kept in the workdir.', check='>= 1')
   export: bool = setting(
       False,
       'After training, export the encoder (SavedModel + keras-hub preset) to '
@@ -215,34 +261,34 @@ class TrainConfig:
       'the median of the previous --loss_spike_window steps (0: off).')
   loss_spike_window: int = setting(
       50,
-      'Steps whose median loss the spike guard compares against.')
-  log_every_steps: int = setting(10, 'TensorBoard scalar interval, in steps.')
+      'Steps whose median loss the spike guard compares against.', check='>= 5')
+  log_every_steps: int = setting(10, 'TensorBoard scalar interval, in steps.', check='>= 1')
   probe_epochs: int = setting(
       100,
-      'Epochs of the linear probe after pretraining; 0 skips the probe.')
+      'Epochs of the linear probe after pretraining; 0 skips the probe.', check='>= 0')
   probe_random: bool = setting(
       True,
       'Also probe a randomly initialised encoder of the same architecture.')
   online_probe: bool = setting(
       False,
       'Train a linear head on stop-gradient features alongside (logs probe_top1).')
-  online_probe_lr: float = setting(0.1, 'Learning rate of the online probe.')
+  online_probe_lr: float = setting(0.1, 'Learning rate of the online probe.', check='> 0')
   knn_every_epochs: int = setting(
       0,
-      'kNN top-1 on the test split every N epochs (0: off).')
+      'kNN top-1 on the test split every N epochs (0: off).', check='>= 0')
   knn_k: tuple = setting((20, 200), 'Neighbour counts of the kNN monitor.')
-  knn_temperature: float = setting(0.07, 'Temperature of the kNN votes.')
+  knn_temperature: float = setting(0.07, 'Temperature of the kNN votes.', check='> 0')
   monitor_every_steps: int = setting(
       50,
       'Covariance spectra, effective rank, LDMI and collapse checks every N steps (0:'
-      ' off).')
+      ' off).', check='>= 0')
   collapse_rank_share: float = setting(
       0.1,
       'Warn of dimensional collapse when the effective rank of R falls below this '
-      'share of D.')
+      'share of D.', check='in [0, 1]')
   preview_images: int = setting(
       8,
-      'Images in the augmentation preview written at the start of training (0: off).')
+      'Images in the augmentation preview written at the start of training (0: off).', check='>= 0')
   preview_only: bool = setting(
       False,
       'Write the augmentation preview (TensorBoard and preview.png) and exit.')
@@ -328,6 +374,7 @@ def _views(f):
 def _from_flags(cls, f, **computed):
   """A config section whose fields are flags of the same names (`computed`: the
   fields that are not plain flag values)."""
+  validate_fields(cls, f, skip=computed)
   return cls(**{field.name: computed[field.name] if field.name in computed
                 else getattr(f, field.name) for field in dataclasses.fields(cls)})
 
@@ -362,11 +409,9 @@ def _data_dir_checks(f, dataset_flag="dataset", data_dir_flag="data_dir"):
 
 
 def _data_section(f):
-  _check(f.image_size >= 8, "image_size", f.image_size, "must be >= 8")
   mean, std = _normalization(f.normalization, f.dataset)
   data = _from_flags(DataConfig, f, mean=mean, std=std)
   _data_dir_checks(f)
-  _check(f.max_image_pixels >= 1, "max_image_pixels", f.max_image_pixels, "must be >= 1")
   if f.dataset == "images":
     # The defaults are allowed: a run's resolved flags.cfg names every flag.
     for name in ("train_split", "test_split"):
@@ -413,7 +458,6 @@ def _model_section(f):
   depth = computed.get("depth", f.depth)
   _check(depth in resnet.BLOCKS, "depth", f.depth, f"must be one of {sorted(resnet.BLOCKS)}")
   _check(f.stem in resnet.STEMS, "stem", f.stem, f"must be one of {resnet.STEMS}")
-  _check(f.width >= 1, "width", f.width, "must be >= 1")
   try:
     widths = projector_lib.parse_projector_spec(f.projector)
   except ValueError:
@@ -437,44 +481,25 @@ def _loss_section(f, dim):
 
 
 def _optim_section(f):
-  _check(f.lr > 0, "lr", f.lr, "must be > 0")
-  _check(0 <= f.momentum < 1, "momentum", f.momentum, "must be in [0, 1)")
-  _check(f.weight_decay >= 0, "weight_decay", f.weight_decay, "must be >= 0")
-  _check(f.warmup_epochs >= 0, "warmup_epochs", f.warmup_epochs, "must be >= 0")
-  _check(f.min_lr >= 0, "min_lr", f.min_lr, "must be >= 0")
   return _from_flags(OptimConfig, f)
 
 
 def _train_section(f):
   _check(bool(f.workdir), "workdir", "''", "must name a directory")
   _checks(f, [
-      ("epochs", f.epochs >= 1, "must be >= 1"),
-      ("batch_size", f.batch_size >= 2, "must be >= 2 (covariance of a batch)"),
-      ("steps_per_epoch", f.steps_per_epoch >= 0, "must be >= 0"),
       ("strategy", f.strategy in STRATEGIES, f"must be one of {STRATEGIES}"),
-      ("num_cpu_devices", f.num_cpu_devices >= 0, "must be >= 0"),
       ("cluster_resolver", f.cluster_resolver == "tf_config" or
        f.strategy == "multi_worker",
        f"is read only with --strategy=multi_worker (--strategy={f.strategy})"),
       ("num_cpu_devices", f.num_cpu_devices == 0 or f.strategy == "mirrored",
        f"is read only with --strategy=mirrored (--strategy={f.strategy})"),
-      ("keep_checkpoints", f.keep_checkpoints >= 1, "must be >= 1"),
       ("loss_spike_factor", f.loss_spike_factor == 0 or f.loss_spike_factor > 1,
        "must be 0 (off) or > 1"),
-      ("loss_spike_window", f.loss_spike_window >= 5, "must be >= 5"),
-      ("log_every_steps", f.log_every_steps >= 1, "must be >= 1"),
-      ("probe_epochs", f.probe_epochs >= 0, "must be >= 0"),
-      ("online_probe_lr", f.online_probe_lr > 0, "must be > 0"),
-      ("knn_every_epochs", f.knn_every_epochs >= 0, "must be >= 0"),
       ("online_probe", not f.online_probe or f.dataset != "images",
        "trains on the training images' labels, and --dataset=images has none "
        "(the end-of-training probe and --knn_every_epochs use --eval_dataset)")])
   knn_k = _positive_ints(f.knn_k, "knn_k")
   _checks(f, [
-      ("knn_temperature", f.knn_temperature > 0, "must be > 0"),
-      ("monitor_every_steps", f.monitor_every_steps >= 0, "must be >= 0"),
-      ("collapse_rank_share", 0 <= f.collapse_rank_share <= 1, "must be in [0, 1]"),
-      ("preview_images", f.preview_images >= 0, "must be >= 0"),
       ("mixed_precision", f.mixed_precision in MIXED_PRECISION,
        f"must be one of {MIXED_PRECISION}"),
       ("verbose", f.verbose in ("auto", "0", "1", "2"), "must be auto, 0, 1 or 2")])
@@ -514,7 +539,7 @@ def _parent_of(path):
 def eval_data_from_flags(f):
   """The data flags every evaluation and fine-tuning command shares."""
   _data_dir_checks(f)
-  _check(f.max_image_pixels >= 1, "max_image_pixels", f.max_image_pixels, "must be >= 1")
+  validate_fields(DataConfig, f, names=("max_image_pixels",))
   # image_size 0: the encoder's (datasets.resolve_image_size).
   return DataConfig(dataset=f.dataset, data_dir=f.data_dir, tfds_data_dir=f.tfds_data_dir,
                     tfds_download=f.tfds_download, train_split=f.train_split,
@@ -535,22 +560,29 @@ class LinearEvalConfig:
   encoder: str
   workdir: str
   data: DataConfig
-  num_classes: int = 0
-  epochs: int = 100
-  batch_size: int = 256
-  lr: float = 0.2
-  min_lr: float = 2e-3
-  schedule: str = "cosine"
-  step_epochs: int = 20
-  momentum: float = 0.9
-  weight_decay: float = 0.0
-  augment: bool = True
-  crop_min_scale: float = 0.08
-  precompute_features: bool = False
-  eval_every_epochs: int = 10
-  keep_checkpoints: int = 2
-  seed: int = 0
-  deterministic: bool = False
+  num_classes: int = setting(0, "Expected class count (0: the data set's).", check='>= 0')
+  epochs: int = setting(100, 'Epochs of the linear classifier.', check='>= 1')
+  batch_size: int = setting(256, 'Batch size.', check='>= 1')
+  lr: float = setting(0.2, 'Base learning rate.', check='> 0')
+  min_lr: float = setting(2e-3, 'Final learning rate of the cosine schedule.', check='>= 0')
+  schedule: str = setting(
+      "cosine",
+      'cosine (lr -> min_lr) or step (divide by 10 every --step_epochs).', choices=('cosine', 'step'))
+  step_epochs: int = setting(20, 'Step schedule: epochs between decays.', check='>= 1')
+  momentum: float = setting(0.9, 'SGD momentum.', check='in [0, 1)')
+  weight_decay: float = setting(0.0, 'Coupled L2 weight decay.', check='>= 0')
+  augment: bool = setting(True, 'Random resized crop + flip on training images.')
+  crop_min_scale: float = setting(0.08, 'Random resized crop: smallest area share.', check='in (0, 1]')
+  precompute_features: bool = setting(
+      False,
+      'Compute training features once (requires --noaugment).')
+  eval_every_epochs: int = setting(10, 'Test-split evaluation interval.', check='>= 1')
+  keep_checkpoints: int = setting(2, 'Checkpoints kept.', check='>= 1')
+  seed: int = setting(0, 'Seed of the head, data order and augmentation.')
+  deterministic: bool = setting(
+      False,
+      'Deterministic ops (tf.config.experimental.enable_op_determinism): a rerun, or '
+      'a killed run resumed, gives bitwise-equal weights on the CPU.')
 
   # Settings whose change makes a checkpoint of this workdir the wrong one.
   RESUME_KEYS = ("encoder", *_DATA_RESUME_KEYS, "batch_size", "lr", "min_lr",
@@ -559,28 +591,11 @@ class LinearEvalConfig:
 
 
 def linear_eval_from_flags(f):
-  _checks(f, [("epochs", f.epochs >= 1, "must be >= 1"),
-              ("batch_size", f.batch_size >= 1, "must be >= 1"),
-              ("lr", f.lr > 0, "must be > 0"),
-              ("min_lr", f.min_lr >= 0, "must be >= 0"),
-              ("step_epochs", f.step_epochs >= 1, "must be >= 1"),
-              ("momentum", 0 <= f.momentum < 1, "must be in [0, 1)"),
-              ("weight_decay", f.weight_decay >= 0, "must be >= 0"),
-              ("crop_min_scale", 0 < f.crop_min_scale <= 1, "must be in (0, 1]"),
-              ("eval_every_epochs", f.eval_every_epochs >= 1, "must be >= 1"),
-              ("keep_checkpoints", f.keep_checkpoints >= 1, "must be >= 1"),
-              ("num_classes", f.num_classes >= 0, "must be >= 0")])
   _check(not (f.precompute_features and f.augment), "precompute_features", True,
          "requires --noaugment (augmented images give new features every epoch)")
-  return LinearEvalConfig(
-      encoder=f.encoder, workdir=f.output_dir or os.path.join(_parent_of(f.encoder),
-                                                              "linear_eval"),
-      data=eval_data_from_flags(f), num_classes=f.num_classes, epochs=f.epochs,
-      batch_size=f.batch_size, lr=f.lr, min_lr=f.min_lr, schedule=f.schedule,
-      step_epochs=f.step_epochs, momentum=f.momentum, weight_decay=f.weight_decay,
-      augment=f.augment, crop_min_scale=f.crop_min_scale,
-      precompute_features=f.precompute_features, eval_every_epochs=f.eval_every_epochs,
-      keep_checkpoints=f.keep_checkpoints, seed=f.seed, deterministic=f.deterministic)
+  return _from_flags(
+      LinearEvalConfig, f, encoder=f.encoder, data=eval_data_from_flags(f),
+      workdir=f.output_dir or os.path.join(_parent_of(f.encoder), "linear_eval"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,19 +603,16 @@ class KnnEvalConfig:
   encoder: str
   workdir: str
   data: DataConfig
-  num_classes: int = 0
-  k: tuple = (20, 200)
-  temperature: float = 0.07
+  num_classes: int = setting(0, "Expected class count (0: the data set's).", check='>= 0')
+  k: tuple = setting((20, 200), 'Neighbour counts.')
+  temperature: float = setting(0.07, 'Vote temperature.', check='> 0')
 
 
 def knn_eval_from_flags(f):
-  _checks(f, [("temperature", f.temperature > 0, "must be > 0"),
-              ("num_classes", f.num_classes >= 0, "must be >= 0")])
-  return KnnEvalConfig(
-      encoder=f.encoder, workdir=f.output_dir or os.path.join(_parent_of(f.encoder),
-                                                              "knn_eval"),
-      data=eval_data_from_flags(f), num_classes=f.num_classes,
-      k=_positive_ints(f.k, "k"), temperature=f.temperature)
+  return _from_flags(
+      KnnEvalConfig, f, encoder=f.encoder, data=eval_data_from_flags(f),
+      workdir=f.output_dir or os.path.join(_parent_of(f.encoder), "knn_eval"),
+      k=_positive_ints(f.k, "k"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -608,23 +620,32 @@ class FinetuneConfig:
   encoder: str
   workdir: str
   data: DataConfig
-  init: str = "pretrained"
-  label_fraction: float = 0.1
-  subset_seed: int = 0
-  epochs: int = 20
-  batch_size: int = 256
-  backbone_lr: float = 0.005
-  head_lr: float = 10.0
-  lr_decay_epochs: tuple = (12, 16)
-  lr_decay_factor: float = 0.2
-  momentum: float = 0.9
-  weight_decay: float = 0.0
-  crop_min_scale: float = 0.08
-  hflip_prob: float = 0.5
-  eval_every_epochs: int = 5
-  keep_checkpoints: int = 2
-  seed: int = 0
-  deterministic: bool = False
+  init: str = setting(
+      "pretrained",
+      "Start from the export's weights, or from a random initialisation of the same "
+      'architecture (the from-scratch baseline).', choices=('pretrained', 'random'))
+  label_fraction: float = setting(
+      0.1,
+      "Share of each class's training images that keep their label, in (0, 1]; 1 with"
+      ' the tfds imagenet2012_subset sets.', check='in (0, 1]')
+  subset_seed: int = setting(0, 'Seed of the labelled subset.')
+  epochs: int = setting(20, 'Fine-tuning epochs.', check='>= 1')
+  batch_size: int = setting(256, 'Batch size.', check='>= 2')
+  backbone_lr: float = setting(0.005, 'Learning rate of the encoder.', check='>= 0')
+  head_lr: float = setting(10.0, 'Learning rate of the linear head.', check='> 0')
+  lr_decay_epochs: tuple = setting((12, 16), 'Epochs at which both rates decay.')
+  lr_decay_factor: float = setting(0.2, 'Factor applied at each decay epoch.', check='in (0, 1]')
+  momentum: float = setting(0.9, 'SGD momentum.', check='in [0, 1)')
+  weight_decay: float = setting(0.0, 'Coupled L2 weight decay.', check='>= 0')
+  crop_min_scale: float = setting(0.08, 'Random resized crop: smallest area share.', check='in (0, 1]')
+  hflip_prob: float = setting(0.5, 'Horizontal flip probability.', check='in [0, 1]')
+  eval_every_epochs: int = setting(5, 'Test-split evaluation interval.', check='>= 1')
+  keep_checkpoints: int = setting(2, 'Checkpoints kept.', check='>= 1')
+  seed: int = setting(0, 'Seed of the head, data order and augmentation.')
+  deterministic: bool = setting(
+      False,
+      'Deterministic ops (tf.config.experimental.enable_op_determinism): a rerun, or '
+      'a killed run resumed, gives bitwise-equal weights on the CPU.')
 
   # The labelled subset (fraction, seed) is checked by label_subsets, naming its file.
   RESUME_KEYS = ("encoder", *_DATA_RESUME_KEYS, "init", "batch_size", "backbone_lr",
@@ -633,48 +654,32 @@ class FinetuneConfig:
 
 
 def finetune_from_flags(f):
-  _check(0 < f.label_fraction <= 1, "label_fraction", f.label_fraction, "must be in (0, 1]")
-  _checks(f, [("epochs", f.epochs >= 1, "must be >= 1"),
-              ("batch_size", f.batch_size >= 2, "must be >= 2"),
-              ("backbone_lr", f.backbone_lr >= 0, "must be >= 0"),
-              ("head_lr", f.head_lr > 0, "must be > 0"),
-              ("lr_decay_factor", 0 < f.lr_decay_factor <= 1, "must be in (0, 1]"),
-              ("momentum", 0 <= f.momentum < 1, "must be in [0, 1)"),
-              ("weight_decay", f.weight_decay >= 0, "must be >= 0"),
-              ("crop_min_scale", 0 < f.crop_min_scale <= 1, "must be in (0, 1]"),
-              ("hflip_prob", 0 <= f.hflip_prob <= 1, "must be in [0, 1]"),
-              ("eval_every_epochs", f.eval_every_epochs >= 1, "must be >= 1"),
-              ("keep_checkpoints", f.keep_checkpoints >= 1, "must be >= 1")])
   decay = _positive_ints(f.lr_decay_epochs, "lr_decay_epochs")
   _check(list(decay) == sorted(decay), "lr_decay_epochs", ",".join(f.lr_decay_epochs),
          "must be increasing positive epochs")
   workdir = f.workdir or os.path.join(_parent_of(f.encoder),
                                       f"finetune_{f.label_fraction:g}_{f.init}")
-  return FinetuneConfig(
-      encoder=f.encoder, workdir=workdir, data=eval_data_from_flags(f), init=f.init,
-      label_fraction=f.label_fraction, subset_seed=f.subset_seed, epochs=f.epochs,
-      batch_size=f.batch_size, backbone_lr=f.backbone_lr, head_lr=f.head_lr,
-      lr_decay_epochs=decay, lr_decay_factor=f.lr_decay_factor, momentum=f.momentum,
-      weight_decay=f.weight_decay, crop_min_scale=f.crop_min_scale,
-      hflip_prob=f.hflip_prob, eval_every_epochs=f.eval_every_epochs,
-      keep_checkpoints=f.keep_checkpoints, seed=f.seed, deterministic=f.deterministic)
+  return _from_flags(FinetuneConfig, f, encoder=f.encoder, workdir=workdir,
+                     data=eval_data_from_flags(f), lr_decay_epochs=decay)
 
 
 @dataclasses.dataclass(frozen=True)
 class DetectionDataConfig:
-  dataset: str = "generated"
-  tfds_data_dir: str = ""
-  train_split: str = "train"
-  test_split: str = "validation"
-  train_annotations: str = ""
-  train_images: str = ""
-  test_annotations: str = ""
-  test_images: str = ""
-  num_train_images: int = 512
-  num_test_images: int = 128
-  data_seed: int = 0
-  image_size: int = 48
-  max_boxes: int = 4
+  dataset: str = setting(
+      "generated",
+      'generated | coco_json | a tfds detection set (coco/2017).')
+  tfds_data_dir: str = setting("", 'tensorflow-datasets data_dir.')
+  train_split: str = setting("train", 'tfds training split.')
+  test_split: str = setting("validation", 'tfds evaluation split.')
+  train_annotations: str = setting("", 'coco_json: training annotation file.')
+  train_images: str = setting("", 'coco_json: training image directory.')
+  test_annotations: str = setting("", 'coco_json: test annotation file.')
+  test_images: str = setting("", 'coco_json: test image directory.')
+  num_train_images: int = setting(512, 'generated: training images.', check='>= 1')
+  num_test_images: int = setting(128, 'generated: test images.', check='>= 1')
+  data_seed: int = setting(0, 'generated: seed of the data set.')
+  image_size: int = setting(48, 'Detector input size (square).', check='>= 16')
+  max_boxes: int = setting(4, 'Boxes kept per image (padding above).', check='>= 1')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -682,22 +687,34 @@ class DetectConfig:
   encoder: str
   workdir: str
   data: DetectionDataConfig
-  init: str = "pretrained"
-  min_level: int = 0
-  max_level: int = 0
-  anchor_size: float = 0.0          # 0: by stem
-  head_convs: int = 2
-  epochs: int = 12
-  batch_size: int = 16
-  lr: float = 0.01
-  warmup_epochs: int = 1
-  momentum: float = 0.9
-  weight_decay: float = 1e-4
-  clipnorm: float = 10.0
-  eval_every_epochs: int = 4
-  keep_checkpoints: int = 2
-  seed: int = 0
-  deterministic: bool = False
+  init: str = setting(
+      "pretrained",
+      "The export's encoder weights, or a random initialisation of the same "
+      'architecture (the baseline).', choices=('pretrained', 'random'))
+  min_level: int = setting(0, 'Lowest pyramid level (0: by stem).')
+  max_level: int = setting(0, 'Highest pyramid level (0: by stem).')
+  anchor_size: float = setting(
+      0.0,
+      'Anchor side at level l: anchor_size * 2**l (times 3 scales and 3 aspect '
+      "ratios); 0: by stem (4 with the ImageNet stem, as COCO's RetinaNet; 3 with the"
+      ' CIFAR stem, whose small objects 4 misses).', check='>= 0; 0: by stem')
+  head_convs: int = setting(
+      2,
+      "Convolutions in each RetinaNet head (4 in the paper's RetinaNet).", check='>= 1')
+  epochs: int = setting(12, 'Fine-tuning epochs.', check='>= 1')
+  batch_size: int = setting(16, 'Batch size.', check='>= 1')
+  lr: float = setting(0.01, 'Peak learning rate (SGD, momentum).', check='> 0')
+  warmup_epochs: int = setting(1, 'Linear warm-up epochs.', check='>= 0')
+  momentum: float = setting(0.9, 'SGD momentum.')
+  weight_decay: float = setting(1e-4, 'Coupled L2 weight decay.')
+  clipnorm: float = setting(10.0, 'Global gradient-norm clip (0: off).')
+  eval_every_epochs: int = setting(4, 'mAP on the test split every N epochs.', check='>= 1')
+  keep_checkpoints: int = setting(2, 'Checkpoints kept.', check='>= 1')
+  seed: int = setting(0, 'Seed of the heads and the data order.')
+  deterministic: bool = setting(
+      False,
+      'Deterministic ops (tf.config.experimental.enable_op_determinism): a rerun, or '
+      'a killed run resumed, gives bitwise-equal weights on the CPU.')
 
   RESUME_KEYS = ("encoder", "data.dataset", "data.image_size", "data.num_train_images",
                  "data.data_seed", "data.max_boxes", "init", "min_level", "max_level",
@@ -706,38 +723,13 @@ class DetectConfig:
 
 
 def detect_from_flags(f):
-  _checks(f, [("epochs", f.epochs >= 1, "must be >= 1"),
-              ("batch_size", f.batch_size >= 1, "must be >= 1"),
-              ("lr", f.lr > 0, "must be > 0"),
-              ("image_size", f.image_size >= 16, "must be >= 16"),
-              ("max_boxes", f.max_boxes >= 1, "must be >= 1"),
-              ("head_convs", f.head_convs >= 1, "must be >= 1"),
-              ("anchor_size", f.anchor_size >= 0, "must be >= 0 (0: by stem)"),
-              ("eval_every_epochs", f.eval_every_epochs >= 1, "must be >= 1"),
-              ("keep_checkpoints", f.keep_checkpoints >= 1, "must be >= 1"),
-              ("warmup_epochs", f.warmup_epochs >= 0, "must be >= 0"),
-              ("num_train_images", f.num_train_images >= 1, "must be >= 1"),
-              ("num_test_images", f.num_test_images >= 1, "must be >= 1")])
   if f.dataset == "coco_json":
     for name in ("train_annotations", "train_images", "test_annotations", "test_images"):
       _check(bool(getattr(f, name)), name, "''", "is required with --dataset=coco_json")
-  data = DetectionDataConfig(
-      dataset=f.dataset, tfds_data_dir=f.tfds_data_dir, train_split=f.train_split,
-      test_split=f.test_split, train_annotations=f.train_annotations,
-      train_images=f.train_images, test_annotations=f.test_annotations,
-      test_images=f.test_images, num_train_images=f.num_train_images,
-      num_test_images=f.num_test_images, data_seed=f.data_seed,
-      image_size=f.image_size, max_boxes=f.max_boxes)
+  data = _from_flags(DetectionDataConfig, f)
   workdir = f.workdir or os.path.join(_parent_of(f.encoder),
                                       f"detect_{f.dataset.replace('/', '_')}_{f.init}")
-  return DetectConfig(
-      encoder=f.encoder, workdir=workdir, data=data, init=f.init, min_level=f.min_level,
-      max_level=f.max_level, anchor_size=f.anchor_size, head_convs=f.head_convs,
-      epochs=f.epochs,
-      batch_size=f.batch_size, lr=f.lr, warmup_epochs=f.warmup_epochs,
-      momentum=f.momentum, weight_decay=f.weight_decay, clipnorm=f.clipnorm,
-      eval_every_epochs=f.eval_every_epochs, keep_checkpoints=f.keep_checkpoints,
-      seed=f.seed, deterministic=f.deterministic)
+  return _from_flags(DetectConfig, f, encoder=f.encoder, workdir=workdir, data=data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -745,12 +737,18 @@ class EmbedConfig:
   encoder: str
   workdir: str
   data: DataConfig              # image_size 0: the encoder's
-  split: str = "test"
-  max_images: int = 0
-  batch_size: int = 256
-  sprite: bool = True
-  query: tuple = ()
-  k: int = 10
+  split: str = setting(
+      "test",
+      "The split to embed (a tfds split, a sub-folder of a folder set, digits' train "
+      'or test); --dataset=images has none.')
+  max_images: int = setting(0, "Embed the split's first N images (0: all).", check='>= 0; 0: all')
+  batch_size: int = setting(256, 'Images per encoder call.', check='>= 1')
+  sprite: bool = setting(True, 'Thumbnails of the images in the Projector view.')
+  query: tuple = setting(
+      (),
+      'Image files whose nearest neighbours in the set are printed and written to '
+      'neighbours.json.')
+  k: int = setting(10, 'Neighbours per query.', check='>= 1')
 
   # What the embeddings are of: a rerun with the same settings reuses them.
   ARRAY_KEYS = ("encoder", "data.dataset", "data.data_dir", "data.tfds_data_dir",
@@ -766,30 +764,24 @@ def embed_from_flags(f):
            "embed reads one split, named by --split")
   _check(not (images and _given(f, "split")), "split", f.split,
          "--dataset=images has no splits (every image under --data_dir is embedded)")
-  _checks(f, [("max_images", f.max_images >= 0, "must be >= 0 (0: all)"),
-              ("batch_size", f.batch_size >= 1, "must be >= 1"),
-              ("k", f.k >= 1, "must be >= 1"),
-              ("max_image_pixels", f.max_image_pixels >= 1, "must be >= 1")])
   data = eval_data_from_flags(f)
   split = "all" if images else f.split
   workdir = f.output_dir or os.path.join(
       _parent_of(f.encoder), f"embed_{f.dataset.replace('/', '_')}_{split}")
-  return EmbedConfig(encoder=f.encoder, workdir=workdir, data=data, split=split,
-                     max_images=f.max_images, batch_size=f.batch_size, sprite=f.sprite,
-                     query=tuple(f.query), k=f.k)
+  return _from_flags(EmbedConfig, f, encoder=f.encoder, workdir=workdir, data=data,
+                     split=split, query=tuple(f.query))
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
   workdir: str
   export_dir: str
-  checkpoint: str = ""
-  overwrite: bool = False
+  checkpoint: str = setting("", 'A checkpoint prefix; default: the latest.')
+  overwrite: bool = setting(False, 'Replace an existing export of the same step.')
 
 
 def export_from_flags(f):
-  return ExportConfig(workdir=f.workdir, export_dir=f.export_dir,
-                      checkpoint=f.checkpoint or "", overwrite=f.overwrite)
+  return _from_flags(ExportConfig, f, checkpoint=f.checkpoint or "")
 
 
 def as_dict(config):

@@ -115,18 +115,6 @@ def define_encoder_flag(help_text):
   flags.DEFINE_string("encoder", None, help_text)
 
 
-def define_lifecycle_flags(keep_checkpoints=2, seed_help="Seed of the head, data order "
-                           "and augmentation."):
-  """The flags of every downstream command that trains: checkpoints kept, seed,
-  deterministic ops."""
-  flags.DEFINE_integer("keep_checkpoints", keep_checkpoints, "Checkpoints kept.")
-  flags.DEFINE_integer("seed", 0, seed_help)
-  flags.DEFINE_bool("deterministic", False,
-                    "Deterministic ops (tf.config.experimental.enable_op_determinism): "
-                    "a rerun, or a killed run resumed, gives bitwise-equal weights on "
-                    "the CPU.")
-
-
 def resolved_flagfile(flag_values):
   """The values of every flag above, as flagfile text (one --name=value a line)."""
   lines = ["# Resolved flags of this run; rerun with --flagfile=<this file>."]

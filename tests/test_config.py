@@ -192,3 +192,36 @@ def test_backbone_flags_are_checked(tmp_path):
     parse(f"--backbone_config={config}", "--backbone=resnet18")
   with pytest.raises(errors.ConfigError, match="--backbone_config=.*: cannot be read"):
     parse(f"--backbone_config={tmp_path}/missing.json")
+
+
+def test_every_pretraining_flag_is_a_config_setting_with_its_default():
+  """One source of truth: a flag's default and help are its config field's."""
+  import dataclasses
+  values = flags_lib.defaults()
+  fields = {field.name: field for cls in (config.DataConfig, config.ModelConfig,
+                                          config.LossConfig, config.OptimConfig,
+                                          config.TrainConfig)
+            for field in dataclasses.fields(cls) if "help" in field.metadata}
+  views = {"normalization", "crop_min_scale", "hflip_prob", "jitter_prob", "brightness",
+           "contrast", "saturation", "hue", "grayscale_prob", "blur_prob", "solarize_prob"}
+  assert set(values) == set(fields) | views
+  for name, field in fields.items():
+    default = field.default
+    want = [str(v) for v in default] if isinstance(default, tuple) else default
+    assert values[name] == want, name
+    assert FLAGS[name].help.endswith(field.metadata["help"]), name
+
+
+def test_field_checks_name_the_flag():
+  for check, good, bad, requirement in [
+      (">= 1", 1, 0, "must be >= 1"), ("> 0", 1e-9, 0, "must be > 0"),
+      ("in [0, 1)", 0, 1, "must be in [0, 1)"), ("in (0, 1]", 1, 0, "must be in (0, 1]"),
+      (">= 0; 0: all", 0, -1, "must be >= 0 (0: all)")]:
+    ok, text = config._rule(check)
+    assert ok(good) and not ok(bad) and text == requirement, check
+  with pytest.raises(ValueError, match="Unknown check"):
+    config.setting(1, "x", check="positive")
+  with pytest.raises(errors.ConfigError, match=r"^--epochs=0: must be >= 1$"):
+    parse("--epochs=0")
+  with pytest.raises(errors.ConfigError, match=r"--batch_size=1: must be >= 2 \(covariance"):
+    parse("--batch_size=1")

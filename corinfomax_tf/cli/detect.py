@@ -26,41 +26,9 @@ def define_flags():
   flags_lib.define_encoder_flag("Encoder export directory (or training workdir).")
   flags.DEFINE_string("workdir", "", "Checkpoints, logs and results; default: "
                       "<encoder's parent>/detect_<dataset>_<init>.")
-  flags.DEFINE_enum("init", "pretrained", ["pretrained", "random"],
-                    "The export's encoder weights, or a random initialisation of the "
-                    "same architecture (the baseline).")
-  flags.DEFINE_string("dataset", "generated",
-                      "generated | coco_json | a tfds detection set (coco/2017).")
-  flags.DEFINE_string("tfds_data_dir", "", "tensorflow-datasets data_dir.")
-  flags.DEFINE_string("train_split", "train", "tfds training split.")
-  flags.DEFINE_string("test_split", "validation", "tfds evaluation split.")
-  flags.DEFINE_string("train_annotations", "", "coco_json: training annotation file.")
-  flags.DEFINE_string("train_images", "", "coco_json: training image directory.")
-  flags.DEFINE_string("test_annotations", "", "coco_json: test annotation file.")
-  flags.DEFINE_string("test_images", "", "coco_json: test image directory.")
-  flags.DEFINE_integer("num_train_images", 512, "generated: training images.")
-  flags.DEFINE_integer("num_test_images", 128, "generated: test images.")
-  flags.DEFINE_integer("data_seed", 0, "generated: seed of the data set.")
-  flags.DEFINE_integer("image_size", 48, "Detector input size (square).")
-  flags.DEFINE_integer("max_boxes", 4, "Boxes kept per image (padding above).")
-  flags.DEFINE_integer("min_level", 0, "Lowest pyramid level (0: by stem).")
-  flags.DEFINE_integer("max_level", 0, "Highest pyramid level (0: by stem).")
-  flags.DEFINE_float("anchor_size", 0.0,
-                     "Anchor side at level l: anchor_size * 2**l (times 3 scales and 3 "
-                     "aspect ratios); 0: by stem (4 with the ImageNet stem, as COCO's "
-                     "RetinaNet; 3 with the CIFAR stem, whose small objects 4 misses).")
-  flags.DEFINE_integer("head_convs", 2, "Convolutions in each RetinaNet head (4 in the "
-                       "paper's RetinaNet).")
-  flags.DEFINE_integer("epochs", 12, "Fine-tuning epochs.")
-  flags.DEFINE_integer("batch_size", 16, "Batch size.")
-  flags.DEFINE_float("lr", 0.01, "Peak learning rate (SGD, momentum).")
-  flags.DEFINE_integer("warmup_epochs", 1, "Linear warm-up epochs.")
-  flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-  flags.DEFINE_float("weight_decay", 1e-4, "Coupled L2 weight decay.")
-  flags.DEFINE_float("clipnorm", 10.0, "Global gradient-norm clip (0: off).")
-  flags.DEFINE_integer("eval_every_epochs", 4, "mAP on the test split every N epochs.")
-  flags_lib.define_lifecycle_flags(keep_checkpoints=2,
-                                   seed_help="Seed of the heads and the data order.")
+  from corinfomax_tf import config
+  flags_lib.define_config_flags(config.DetectionDataConfig)
+  flags_lib.define_config_flags(config.DetectConfig)
 
 
 def main(flag_values):

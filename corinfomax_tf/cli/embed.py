@@ -29,18 +29,11 @@ def define_flags():
   from corinfomax_tf import flags as flags_lib
   flags_lib.define_data_flags()
   flags_lib.define_encoder_flag("Encoder export directory or training workdir.")
-  flags.DEFINE_string("split", "test",
-                      "The split to embed (a tfds split, a sub-folder of a folder set, "
-                      "digits' train or test); --dataset=images has none.")
   flags.DEFINE_string("output_dir", "",
                       "Where the arrays and the Projector view go; default: <encoder's "
                       "parent>/embed_<dataset>_<split>.")
-  flags.DEFINE_integer("max_images", 0, "Embed the split's first N images (0: all).")
-  flags.DEFINE_integer("batch_size", 256, "Images per encoder call.")
-  flags.DEFINE_bool("sprite", True, "Thumbnails of the images in the Projector view.")
-  flags.DEFINE_list("query", [], "Image files whose nearest neighbours in the set are "
-                    "printed and written to neighbours.json.")
-  flags.DEFINE_integer("k", 10, "Neighbours per query.")
+  from corinfomax_tf import config
+  flags_lib.define_config_flags(config.EmbedConfig)
 
 
 def _image_size(cfg, encoder):

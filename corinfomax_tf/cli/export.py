@@ -16,8 +16,9 @@ from corinfomax_tf.cli import runner
 def define_flags():
   flags.DEFINE_string("workdir", None, "Training workdir to export from.")
   flags.DEFINE_string("export_dir", None, "Path of the export (a link to the newest step).")
-  flags.DEFINE_string("checkpoint", None, "A checkpoint prefix; default: the latest.")
-  flags.DEFINE_bool("overwrite", False, "Replace an existing export of the same step.")
+  from corinfomax_tf import config
+  from corinfomax_tf import flags as flags_lib
+  flags_lib.define_config_flags(config.ExportConfig)
 
 
 def main(flag_values):

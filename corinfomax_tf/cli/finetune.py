@@ -24,25 +24,8 @@ def define_flags():
   flags_lib.define_encoder_flag("Encoder export directory (or training workdir).")
   flags.DEFINE_string("workdir", "", "Checkpoints, logs, label subset and results; "
                       "default: <encoder's parent>/finetune_<fraction>_<init>.")
-  flags.DEFINE_enum("init", "pretrained", ["pretrained", "random"],
-                    "Start from the export's weights, or from a random initialisation "
-                    "of the same architecture (the from-scratch baseline).")
-  flags.DEFINE_float("label_fraction", 0.1,
-                     "Share of each class's training images that keep their label, in "
-                     "(0, 1]; 1 with the tfds imagenet2012_subset sets.")
-  flags.DEFINE_integer("subset_seed", 0, "Seed of the labelled subset.")
-  flags.DEFINE_integer("epochs", 20, "Fine-tuning epochs.")
-  flags.DEFINE_integer("batch_size", 256, "Batch size.")
-  flags.DEFINE_float("backbone_lr", 0.005, "Learning rate of the encoder.")
-  flags.DEFINE_float("head_lr", 10.0, "Learning rate of the linear head.")
-  flags.DEFINE_list("lr_decay_epochs", ["12", "16"], "Epochs at which both rates decay.")
-  flags.DEFINE_float("lr_decay_factor", 0.2, "Factor applied at each decay epoch.")
-  flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-  flags.DEFINE_float("weight_decay", 0.0, "Coupled L2 weight decay.")
-  flags.DEFINE_float("crop_min_scale", 0.08, "Random resized crop: smallest area share.")
-  flags.DEFINE_float("hflip_prob", 0.5, "Horizontal flip probability.")
-  flags.DEFINE_integer("eval_every_epochs", 5, "Test-split evaluation interval.")
-  flags_lib.define_lifecycle_flags(keep_checkpoints=2)
+  from corinfomax_tf import config
+  flags_lib.define_config_flags(config.FinetuneConfig)
 
 
 def main(flag_values):

@@ -19,9 +19,8 @@ def define_flags():
   flags_lib.define_data_flags()
   flags_lib.define_encoder_flag("Encoder export directory or training workdir.")
   flags.DEFINE_string("output_dir", "", "Where results go; default: <encoder's parent>/knn_eval.")
-  flags.DEFINE_integer("num_classes", 0, "Expected class count (0: the data set's).")
-  flags.DEFINE_list("k", ["20", "200"], "Neighbour counts.")
-  flags.DEFINE_float("temperature", 0.07, "Vote temperature.")
+  from corinfomax_tf import config
+  flags_lib.define_config_flags(config.KnnEvalConfig)
 
 
 def main(flag_values):

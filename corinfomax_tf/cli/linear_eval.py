@@ -25,22 +25,8 @@ def define_flags():
   flags.DEFINE_string("output_dir", "",
                       "The workdir: checkpoints, logs and linear_eval.json; default: "
                       "<encoder's parent>/linear_eval.")
-  flags.DEFINE_integer("num_classes", 0, "Expected class count (0: the data set's).")
-  flags.DEFINE_integer("epochs", 100, "Epochs of the linear classifier.")
-  flags.DEFINE_integer("batch_size", 256, "Batch size.")
-  flags.DEFINE_float("lr", 0.2, "Base learning rate.")
-  flags.DEFINE_float("min_lr", 2e-3, "Final learning rate of the cosine schedule.")
-  flags.DEFINE_enum("schedule", "cosine", ["cosine", "step"],
-                    "cosine (lr -> min_lr) or step (divide by 10 every --step_epochs).")
-  flags.DEFINE_integer("step_epochs", 20, "Step schedule: epochs between decays.")
-  flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-  flags.DEFINE_float("weight_decay", 0.0, "Coupled L2 weight decay.")
-  flags.DEFINE_bool("augment", True, "Random resized crop + flip on training images.")
-  flags.DEFINE_float("crop_min_scale", 0.08, "Random resized crop: smallest area share.")
-  flags.DEFINE_bool("precompute_features", False,
-                    "Compute training features once (requires --noaugment).")
-  flags.DEFINE_integer("eval_every_epochs", 10, "Test-split evaluation interval.")
-  flags_lib.define_lifecycle_flags(keep_checkpoints=2)
+  from corinfomax_tf import config
+  flags_lib.define_config_flags(config.LinearEvalConfig)
 
 
 def main(flag_values):
