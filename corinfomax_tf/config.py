@@ -246,6 +246,13 @@ class TrainConfig:
   slurm_port_base: int = setting(
       8888,
       "With --cluster_resolver=slurm: first port of the workers' servers.")
+  extend_epochs: tuple = setting(
+      (),
+      'Train a finished (or running) workdir longer: phases of N more epochs each, '
+      'N or N@LR. A phase follows a cosine from LR down to --min_lr; without @LR it '
+      'stays at --min_lr, where the schedule ends. Rerun with the '
+      'same list to resume; append a phase to train longer again. See README, '
+      "'Training longer'.")
   keep_checkpoints: int = setting(3, 'Checkpoints kept in the workdir.', check='>= 1')
   export: bool = setting(
       False,
@@ -503,7 +510,61 @@ def _train_section(f):
       ("mixed_precision", f.mixed_precision in MIXED_PRECISION,
        f"must be one of {MIXED_PRECISION}"),
       ("verbose", f.verbose in ("auto", "0", "1", "2"), "must be auto, 0, 1 or 2")])
-  return _from_flags(TrainConfig, f, knn_k=knn_k)
+  extend = tuple(str(v).strip() for v in f.extend_epochs if str(v).strip())
+  extension_phases(extend)   # one line naming the flag on a bad phase
+  return _from_flags(TrainConfig, f, knn_k=knn_k, extend_epochs=extend)
+
+
+def extension_phases(extend_epochs):
+  """--extend_epochs values ("N" or "N@LR") -> [(epochs, start rate or None)]."""
+  phases = []
+  for text in extend_epochs:
+    epochs, at, lr = str(text).partition("@")
+    try:
+      phase = (int(epochs), float(lr) if at else None)
+    except ValueError:
+      phase = (0, None)
+    _check(phase[0] >= 1 and (phase[1] is None or phase[1] > 0), "extend_epochs",
+           ",".join(map(str, extend_epochs)),
+           f"{text!r} is not N or N@LR (N >= 1 more epochs, LR > 0 the rate they start at)")
+    phases.append(phase)
+  return phases
+
+
+def _normalization_name(mean, std):
+  for name, (m, s) in NORMALIZATIONS.items():
+    if tuple(m) == tuple(mean) and tuple(s) == tuple(std):
+      return name
+  return f"mean {list(mean)}, std {list(std)}"
+
+
+def pretraining_resume_settings(cfg):
+  """What a resumed pretraining run must keep, by flag name: the data and its order,
+  image size and views, model, loss, optimisation and schedule, length, global batch
+  and seed. (Where the images are, how they are checked, logging, monitors, the
+  number of replicas and the export may change.)"""
+  d, v1, v2 = cfg.data, cfg.augment.view1, cfg.augment.view2
+  settings = {"dataset": d.dataset, "train_split": d.train_split,
+              "image_size": d.image_size,
+              "normalization": _normalization_name(d.mean, d.std),
+              "shuffle_buffer": d.shuffle_buffer,
+              "crop_min_scale": v1.crop_scale[0], "blur_prob": [v1.blur_prob, v2.blur_prob],
+              "solarize_prob": [v1.solarize_prob, v2.solarize_prob]}
+  for name in ("hflip_prob", "jitter_prob", "brightness", "contrast", "saturation", "hue",
+               "grayscale_prob"):
+    settings[name] = getattr(v1, name)
+  for section in (cfg.model, cfg.loss, cfg.optim):
+    settings.update(dataclasses.asdict(section))
+  # The backbone's architecture is compared by itself (architecture.json): its
+  # preset or config file may move.
+  for name in ("backbone", "backbone_config", "sync_bn"):
+    settings.pop(name)
+  t = cfg.train
+  settings.update(epochs=t.epochs, batch_size=t.batch_size,
+                  steps_per_epoch=t.steps_per_epoch, seed=t.seed,
+                  online_probe=t.online_probe, online_probe_lr=t.online_probe_lr,
+                  mixed_precision=t.mixed_precision, extend_epochs=list(t.extend_epochs))
+  return _normalise(settings)
 
 
 def _normalise(value):

@@ -98,6 +98,108 @@ def test_resume_compatibility_names_the_changed_flag(tmp_path):
     wd.check_compatible(saved, parse("--depth=50").to_dict()["model"])
 
 
+def _resume_error(saved_args, args, saved_dict=None):
+  """The message refusing to resume a run of `saved_args` with `args` (None: allowed)."""
+  from corinfomax_tf.training import pretraining
+  saved = saved_dict or {"resume": config.pretraining_resume_settings(parse(*saved_args))}
+  try:
+    pretraining.check_resume(pretraining.saved_resume_settings(saved),
+                             config.pretraining_resume_settings(parse(*args)), "/w")
+  except errors.ConfigError as e:
+    return str(e)
+  return None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr=0.1"], "--lr=0.1: the workdir /w was trained with --lr=0.5; use a new "
+     "--workdir, or give the same value"),
+    (["--seed=3"], "--seed=3: the workdir /w was trained with --seed=0"),
+    (["--image_size=16"], "--image_size=16: the workdir /w was trained with --image_size=32"),
+    (["--blur_prob=0.5"], "--blur_prob=0.5,0.5: the workdir /w was trained with "
+     "--blur_prob=1.0,0.1"),
+    (["--crop_min_scale=0.2"], "--crop_min_scale=0.2: the workdir"),
+    (["--normalization=imagenet"], "--normalization=imagenet: the workdir /w was trained "
+     "with --normalization=digits"),
+    (["--shuffle_buffer=10"], "--shuffle_buffer=10: the workdir"),
+    (["--alpha=10"], "--alpha=10.0: the workdir"),
+    (["--projector=64-32"], "--projector=64-32: the workdir"),
+    (["--steps_per_epoch=5"], "--steps_per_epoch=5: the workdir"),
+    (["--train_split=test"], "--train_split=test: the workdir"),
+    (["--online_probe"], "--online_probe=True: the workdir"),
+    (["--epochs=5"], "--epochs=5: the workdir /w was trained with --epochs=1000; its "
+     "learning-rate schedule was made for that length. Use a new --workdir, or the same "
+     "value"),
+    (["--epochs=1200"], "or the same value and --extend_epochs=200 to train 200 more"),
+    (["--extend_epochs=3"], "--extend_epochs=3: the workdir /w was trained with "
+     "--extend_epochs=2,1@0.1; give the same phases again"),
+    (["--extend_epochs="], "--extend_epochs='': the workdir"),
+])
+def test_a_resume_that_would_change_the_run_names_the_flag_and_both_values(args, message):
+  saved = ["--extend_epochs=2,1@0.1"] if "extend" in args[0] else []
+  got = _resume_error(saved, [*saved, *args] if "extend" not in args[0] else args)
+  assert got is not None and message in got and got.startswith(f"--{args[0][2:].split('=')[0]}"), got
+
+
+def test_a_resume_may_change_what_does_not_change_the_run():
+  for args in (["--workdir=/elsewhere"], ["--probe_epochs=3"], ["--keep_checkpoints=9"],
+               ["--log_every_steps=2"], ["--monitor_every_steps=0"], ["--export"],
+               ["--strategy=mirrored", "--num_cpu_devices=2"], ["--jit_compile"],
+               ["--sync_bn=false"], ["--tfds_data_dir=/t"], ["--knn_every_epochs=5"]):
+    assert _resume_error([], args) is None, args
+  # Appending a phase trains longer; the same phases resume.
+  assert _resume_error(["--extend_epochs=2"], ["--extend_epochs=2,3@0.01"]) is None
+  assert _resume_error(["--extend_epochs=2"], ["--extend_epochs=2"]) is None
+
+
+def test_an_older_workdir_without_resume_settings_is_compared_by_its_sections():
+  saved = parse().to_dict()
+  assert _resume_error(None, [], saved_dict=saved) is None
+  assert _resume_error(None, ["--batch_size=64"], saved_dict=saved).startswith(
+      "--batch_size=64: the workdir /w was trained with --batch_size=512")
+
+
+@pytest.mark.parametrize("value", ["0", "x", "2@", "2@-1", "1.5"])
+def test_a_bad_extension_phase_is_named(value):
+  with pytest.raises(errors.ConfigError, match=r"--extend_epochs=.*is not N or N@LR"):
+    parse(f"--extend_epochs={value}")
+
+
+def test_the_extended_schedule_follows_the_base_then_each_phase():
+  import math
+
+  from corinfomax_tf.training import schedules
+  _, base = schedules.reference_optimizer(0.5, 10, 2, min_lr=1e-3)
+  _, extended = schedules.reference_optimizer(0.5, 10, 2, min_lr=1e-3,
+                                              extensions=[(4, None), (5, 0.2)])
+  assert extended.total_steps == 19
+  rates = [float(extended(s)) for s in range(19)]
+  assert rates[:10] == [float(base(s)) for s in range(10)]
+  assert rates[10:14] == pytest.approx([1e-3] * 4)          # where the base ended
+  want = [1e-3 + 0.5 * (0.2 - 1e-3) * (1 + math.cos(math.pi * k / 5)) for k in range(5)]
+  assert rates[14:] == pytest.approx(want, rel=1e-6)
+  lines = extended.describe(steps_per_epoch=1)
+  assert lines[0].startswith("Extension 1: epochs 11-14 (steps 11-14), learning rate "
+                             "constant 0.001 (--min_lr, where the schedule ends")
+  assert lines[1] == ("Extension 2: epochs 15-19 (steps 15-19), learning rate a cosine "
+                      "from 0.2 to 0.001")
+  config_round_trip = schedules.ExtendedSchedule(**extended.get_config())
+  assert [float(config_round_trip(s)) for s in range(19)] == rates
+
+
+def test_the_training_images_are_identified_by_their_files(tmp_path):
+  from corinfomax_tf.data import image_folder
+  from corinfomax_tf.training import pretraining
+
+  class Source:
+    num_train = 2
+    def __init__(self, paths):
+      self.scans = (image_folder.FolderScan(str(tmp_path), paths, [-1] * len(paths), [],
+                                            {}, {}),)
+  a = pretraining.images_fingerprint(Source([str(tmp_path / "a.png"), str(tmp_path / "b.png")]))
+  b = pretraining.images_fingerprint(Source([str(tmp_path / "a.png"), str(tmp_path / "c.png")]))
+  assert a["count"] == b["count"] == 2 and a["files_sha256"] != b["files_sha256"]
+
+
 @pytest.mark.slow
 def test_linear_eval_flagfiles_parse():
   """The linear_eval command's own flags, parsed in a separate process (its flags

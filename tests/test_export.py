@@ -31,7 +31,9 @@ def test_export_layout_and_metadata(trained):
       os.path.join(workdir, "export.steps", "6"))
   meta = export_lib.read_metadata(export_dir)
   assert meta["step"] == 6 and meta["image_size"] == 8
-  assert meta["architecture"] == {"depth": 18, "stem": "cifar", "width": 4, "feature_dim": 32}
+  assert meta["architecture"] == {"depth": 18, "stem": "cifar", "width": 4, "feature_dim": 32,
+                                  "output": "feature map, average-pooled",
+                                  "input_size": None}
   assert meta["config"]["loss"]["alpha"] == 50
 
 

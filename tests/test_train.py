@@ -86,12 +86,33 @@ def test_rerun_resumes_and_a_finished_run_does_not_train_twice(tmp_path):
   first = train(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--epochs=1")
   assert first.returncode == 0, first.stderr[-3000:]
   assert checkpoints(workdir) == [3]
-  # Rerun from the resolved flags, asking for more epochs: resumes at step 3.
-  longer = train(f"--flagfile={workdir}/flags.cfg", "--epochs=2")
+  # Another length or batch on a trained workdir: one line naming the flag, both
+  # values and the ways out; nothing trained.
+  for args, needle in [
+      (["--epochs=2"], "--epochs=2: the workdir %s was trained with --epochs=1; its "
+       "learning-rate schedule was made for that length. Use a new --workdir, or the same "
+       "value and --extend_epochs=1 to train 1 more epochs on" % workdir),
+      (["--batch_size=32"], "--batch_size=32: the workdir %s was trained with "
+       "--batch_size=16; use a new --workdir, or give the same value" % workdir),
+      ]:
+    refused = train(f"--flagfile={workdir}/flags.cfg", *args)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: " + needle), \
+        refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and "Epoch" not in refused.stdout
+  assert checkpoints(workdir) == [3]
+  # Training longer is explicit: it says its schedule and records it.
+  longer = train(f"--flagfile={workdir}/flags.cfg", "--extend_epochs=1")
   assert longer.returncode == 0, longer.stderr[-3000:]
+  assert ("Extension 1: epoch 2 (steps 4-6), learning rate constant 1e-06 (--min_lr, "
+          "where the schedule ends" in longer.stdout)
   assert "Resumed from" in longer.stdout and "Epoch 2/2" in longer.stdout
   assert "Epoch 1/2" not in longer.stdout
   assert checkpoints(workdir) == [3, 6] and summary(workdir)["step"] == 6
+  assert summary(workdir)["epochs"] == 2 and summary(workdir)["extensions"] == [
+      dict(epochs=1, steps=[4, 6], lr_start=1e-6, lr_end=1e-6)]
+  with open(os.path.join(workdir, "config.json")) as fh:
+    assert json.load(fh)["train"]["extend_epochs"] == ["1"]
   mtime = os.path.getmtime(os.path.join(workdir, "checkpoints", "ckpt-6.index"))
   again = train(f"--flagfile={workdir}/flags.cfg")
   assert again.returncode == 0, again.stderr[-3000:]
@@ -177,12 +198,47 @@ def test_sigterm_saves_mid_epoch_and_resumes_to_the_uninterrupted_result(tmp_pat
   _assert_same_state(workdir, uninterrupted)
 
 
+def test_extension_killed_midway_resumes_to_the_uninterrupted_result(tmp_path):
+  """4 epochs, then 4 more on a new cosine: the extension killed midway and rerun
+  ends bitwise equal to the extension run without a stop."""
+  import shutil
+  common = [f"--flagfile={SMOKE}", "--epochs=4", "--steps_per_epoch=2", "--deterministic",
+            "--probe_epochs=0"]
+  reference = str(tmp_path / "reference")
+  assert train(*common, f"--workdir={reference}").returncode == 0
+  assert checkpoints(reference)[-1] == 8
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  result = train(*common, f"--workdir={reference}", "--extend_epochs=4@0.02")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert summary(reference)["step"] == 16
+
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "corinfomax_tf.train", *common, f"--workdir={workdir}",
+       "--extend_epochs=4@0.02"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, env=env, cwd=ROOT)
+  deadline = time.time() + 240
+  while checkpoints(workdir)[-1] <= 8 and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  done = checkpoints(workdir)
+  assert 8 < done[-1] < 16, done
+  result = train(*common, f"--workdir={workdir}", "--extend_epochs=4@0.02")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Resumed from {workdir}/checkpoints/ckpt-{done[-1]}" in result.stdout
+  assert "Extension 1: epochs 5-8 (steps 9-16), learning rate a cosine from 0.02 to " \
+      "1e-06" in result.stdout
+  _assert_same_state(workdir, _final_state(reference))
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   assert train(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--epochs=1").returncode == 0
   before = open(os.path.join(workdir, "checkpoints", "checkpoint")).read()
-  result = train(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--epochs=3", "--lr=1e30",
-                 "--warmup_epochs=0")
+  result = train(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--epochs=1",
+                 "--extend_epochs=2@1e30")
   assert result.returncode == 2
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "after step" in last and workdir in last

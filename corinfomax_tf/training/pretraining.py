@@ -9,6 +9,7 @@ two-view stream that resumes exactly, the callbacks, and the end-of-training pro
 """
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -17,10 +18,69 @@ import sys
 from corinfomax_tf import errors
 
 SUMMARY_FILE = "summary.json"
-# Sections of the saved config whose change makes a checkpoint the wrong one to
-# resume from (sync_bn is a replica-count choice: the weights are the same).
-RESUME_SECTIONS = ("model", "loss")
-RESUME_IGNORED = ("sync_bn",)
+# Keys config.json holds beside the config's sections: what a resume must keep (by
+# flag name) and which images were trained on.
+RESUME_KEY = "resume"
+IMAGES_KEY = "train_images"
+
+
+def _shown(value):
+  return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def saved_resume_settings(saved):
+  """The resume settings a workdir's config.json holds (older workdirs: the fields
+  of its sections, by name, for those sections that are compared)."""
+  if RESUME_KEY in saved:
+    return saved[RESUME_KEY]
+  flat = {}
+  for section in ("data", "model", "loss", "optim", "train"):
+    flat.update(saved.get(section, {}))
+  flat.pop("extend_epochs", None)
+  return flat
+
+
+def check_resume(saved, current, workdir):
+  """Refuses to resume a pretraining workdir with settings that change the run: one
+  line naming the flag, both values and the ways out. `saved`, `current`: flag name
+  -> value (`config.pretraining_resume_settings`)."""
+  def refuse(name, now, before, ways):
+    raise errors.ConfigError(
+        f"--{name}={_shown(now)}: the workdir {workdir} was trained with "
+        f"--{name}={_shown(before)}; {ways}")
+  same = "use a new --workdir, or give the same value"
+  old_phases = list(saved.get("extend_epochs", []))
+  new_phases = list(current["extend_epochs"])
+  if new_phases[:len(old_phases)] != old_phases:
+    refuse("extend_epochs", new_phases or "''", old_phases,
+           "give the same phases again to resume (append a phase to train longer), or "
+           "use a new --workdir")
+  for name, value in current.items():
+    if name == "extend_epochs" or name not in saved:
+      continue
+    if json.loads(json.dumps(saved[name])) == json.loads(json.dumps(value)):
+      continue
+    if name == "epochs":
+      more = value - saved[name]
+      refuse(name, value, saved[name],
+             "its learning-rate schedule was made for that length. Use a new --workdir, "
+             "or the same value" + (f" and --extend_epochs={more} to train {more} more "
+                                    "epochs on (README, 'Training longer')"
+                                    if more > 0 else ""))
+    refuse(name, value, saved[name], same)
+
+
+def images_fingerprint(source):
+  """What identifies the training images: their count, and a digest of the kept
+  files' paths (relative to their root) and labels where they are files."""
+  info = {"count": int(source.num_train)}
+  if source.scans:
+    digest = hashlib.sha256()
+    for scan in source.scans:
+      for path, label in zip(scan.paths, scan.labels):
+        digest.update(f"{os.path.relpath(path, scan.root)}\t{label}\n".encode())
+    info["files_sha256"] = digest.hexdigest()
+  return info
 
 
 def steps_per_epoch(cfg, num_train):
@@ -165,12 +225,13 @@ class PretrainingJob:
     if t.batch_size % self.replicas:
       raise errors.ConfigError(
           f"--batch_size={t.batch_size}: not divisible by the {self.replicas} replicas")
+    from corinfomax_tf import config as config_lib
     saved = self.workdir.read_json("config.json")
-    if saved is not None and self.workdir.has_checkpoints():
-      now = cfg.to_dict()
-      for section in RESUME_SECTIONS:
-        self.workdir.check_compatible(saved.get(section, {}), now[section],
-                                      ignore=RESUME_IGNORED)
+    if saved is not None and not self.workdir.has_checkpoints():
+      saved = None   # nothing trained yet: a fresh start
+    resume = config_lib.pretraining_resume_settings(cfg)
+    if saved is not None:
+      check_resume(saved_resume_settings(saved), resume, t.workdir)
     if d.data_service:   # before the (possibly long) scan of the images
       data_lib.check_data_service(d.data_service)
       self.log(f"Training images are read, decoded and augmented by the tf.data service "
@@ -182,10 +243,25 @@ class PretrainingJob:
     sources = [s for s in (self.source, self.eval_source) if s is not None]
     if any(s.scans for s in sources):
       report_data_scan(sources, self.workdir if self.chief else None, absl_logging)
+    images = images_fingerprint(self.source)
+    if saved is not None and saved.get(IMAGES_KEY, images) != images:
+      raise errors.DataError(
+          f"--dataset={d.dataset}"
+          + (f" --data_dir={d.data_dir}" if d.data_dir else "")
+          + f": not the training images the workdir {t.workdir} was trained on "
+          f"({saved[IMAGES_KEY]['count']} images, now {images['count']}"
+          + ("" if saved[IMAGES_KEY]['count'] != images['count'] else
+             ", files added, removed or renamed")
+          + "): the data order would change; use a new --workdir, or restore the images")
     self.spe = steps_per_epoch(cfg, self.source.num_train)
-    self.total_steps = self.spe * t.epochs
+    self.phases = [(epochs * self.spe, lr)
+                   for epochs, lr in config_lib.extension_phases(t.extend_epochs)]
+    self.total_epochs = t.epochs + sum(
+        e for e, _ in config_lib.extension_phases(t.extend_epochs))
+    self.total_steps = self.spe * self.total_epochs
     if self.chief:
-      self.workdir.write_text("config.json", cfg.to_json())
+      self.workdir.write_json("config.json", {**cfg.to_dict(), RESUME_KEY: resume,
+                                              IMAGES_KEY: images})
       if self.flagfile_text:
         self.workdir.write_text("flags.cfg", self.flagfile_text)
       if t.preview_images or t.preview_only:
@@ -235,7 +311,12 @@ class PretrainingJob:
     self.summary = dict(self.previous)
     self.summary.update(dataset=self.cfg.data.dataset, steps_per_epoch=self.spe,
                         total_steps=self.total_steps, replicas=self.replicas,
-                        global_batch_size=t.batch_size)
+                        global_batch_size=t.batch_size, epochs=self.total_epochs)
+    if self.phases:
+      self.summary["extensions"] = [
+          dict(epochs=steps // self.spe, steps=[first + 1, first + steps],
+               lr_start=lr, lr_end=self.cfg.optim.min_lr)
+          for first, steps, lr in self.schedule.segments]
     self.multi_worker = distribute.is_multi_worker(self.strategy)
 
   def _build_model(self):
@@ -249,8 +330,12 @@ class PretrainingJob:
     cfg, t = self.cfg, self.cfg.train
     o = cfg.optim
     optimizer, self.schedule = schedules.reference_optimizer(
-        o.lr, self.total_steps, o.warmup_epochs * self.spe, momentum=o.momentum,
-        weight_decay=o.weight_decay, warmup_start_lr=o.warmup_start_lr, min_lr=o.min_lr)
+        o.lr, self.spe * t.epochs, o.warmup_epochs * self.spe, momentum=o.momentum,
+        weight_decay=o.weight_decay, warmup_start_lr=o.warmup_start_lr, min_lr=o.min_lr,
+        extensions=self.phases)
+    if self.phases:
+      for line in self.schedule.describe(self.spe):
+        self.log(line)
     backbone = self._build_backbone()
     self.model = model = ssl_model.build_pretraining_model(
         cfg.model, cfg.loss, sync_bn=cfg.model.sync_bn and self.replicas > 1,
@@ -358,7 +443,7 @@ class PretrainingJob:
       step = self._step_now()
     if step < self.total_steps and not self.preemption.stopped:
       history = self.model.fit(
-          self._dataset_from(step), epochs=t.epochs, initial_epoch=step // spe,
+          self._dataset_from(step), epochs=self.total_epochs, initial_epoch=step // spe,
           steps_per_epoch=spe, callbacks=callbacks, verbose=0, shuffle=False)
     return history
 
@@ -427,7 +512,7 @@ class PretrainingJob:
       cbs.append(self.knn)
     verbose = (1 if sys.stdout.isatty() else 2) if t.verbose == "auto" else int(t.verbose)
     if verbose and self.chief:
-      cbs.append(callbacks_lib.ProgressBar(t.epochs, self.spe, t.batch_size,
+      cbs.append(callbacks_lib.ProgressBar(self.total_epochs, self.spe, t.batch_size,
                                            interactive=verbose == 1))
     return cbs, preemption
 

@@ -78,6 +78,64 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 
 @keras.saving.register_keras_serializable(package="corinfomax_tf")
+class ExtendedSchedule(keras.optimizers.schedules.LearningRateSchedule):
+  """A schedule, then phases that train longer (`--extend_epochs`).
+
+  `phases`: [(steps, start_lr)], in order; phase k covers the `steps` steps after
+  the previous phase (the first: after `base_steps`, where `base` ends), its rate a
+  half cosine from `start_lr` down to `min_lr`: min_lr + 0.5 * (start_lr - min_lr) *
+  (1 + cos(pi * t)), t the fraction of the phase done. `start_lr` None: `min_lr`,
+  where the paper's cosine and every phase end, so the phase is constant. Before
+  `base_steps` the rate is `base`'s.
+  """
+
+  def __init__(self, base, base_steps, phases, min_lr):
+    if isinstance(base, dict):
+      base = keras.saving.deserialize_keras_object(base)
+    self.base = base
+    self.base_steps = int(base_steps)
+    self.min_lr = float(min_lr)
+    self.phases = [(int(steps), None if lr is None else float(lr)) for steps, lr in phases]
+    self.segments = []   # (first step, steps, start rate)
+    start = self.base_steps
+    for steps, lr in self.phases:
+      if steps < 1:
+        raise ValueError(f"Each phase needs >= 1 step. Received: phases={phases!r}")
+      first = self.min_lr if lr is None else lr
+      self.segments.append((start, steps, first))
+      start += steps
+    self.total_steps = start
+
+  def __call__(self, step):
+    step_f = ops.cast(step, "float32")
+    rate = self.base(step)
+    for first, steps, lr in self.segments:
+      t = ops.clip((step_f - first) / float(steps), 0.0, 1.0)
+      cosine = self.min_lr + 0.5 * (lr - self.min_lr) * (1.0 + ops.cos(math.pi * t))
+      rate = ops.where(step_f >= first, ops.cast(cosine, rate.dtype), rate)
+    return rate
+
+  def describe(self, steps_per_epoch):
+    """One line per phase: its epochs, steps and rates."""
+    lines = []
+    for k, (first, steps, lr) in enumerate(self.segments):
+      epochs = (first // steps_per_epoch + 1, (first + steps) // steps_per_epoch)
+      epochs = (f"epoch {epochs[0]}" if epochs[0] == epochs[1] else
+                f"epochs {epochs[0]}-{epochs[1]}")
+      shape = (f"constant {lr:.3g} (--min_lr, where the schedule ends; "
+               "--extend_epochs=N@LR starts a new cosine from LR)"
+               if lr == self.min_lr else f"a cosine from {lr:.3g} to {self.min_lr:.3g}")
+      lines.append(f"Extension {k + 1}: {epochs} (steps "
+                   f"{first + 1}-{first + steps}), learning rate {shape}")
+    return lines
+
+  def get_config(self):
+    return {"base": keras.saving.serialize_keras_object(self.base),
+            "base_steps": self.base_steps, "phases": [list(p) for p in self.phases],
+            "min_lr": self.min_lr}
+
+
+@keras.saving.register_keras_serializable(package="corinfomax_tf")
 class ReferenceSGD(keras.optimizers.Optimizer):
   """PyTorch-semantics SGD: coupled L2 weight decay, momentum buffer without lr."""
 
@@ -116,9 +174,14 @@ class ReferenceSGD(keras.optimizers.Optimizer):
 
 
 def reference_optimizer(base_lr, total_steps, warmup_steps, *, momentum=0.9,
-                        weight_decay=1e-4, warmup_start_lr=3e-3, min_lr=1e-6):
-  """The paper's optimisation: (ReferenceSGD on a WarmupCosine schedule, the schedule)."""
+                        weight_decay=1e-4, warmup_start_lr=3e-3, min_lr=1e-6,
+                        extensions=()):
+  """The paper's optimisation: (ReferenceSGD on a WarmupCosine schedule, the schedule).
+  `extensions`: [(steps, start rate or None)] trained after `total_steps`
+  (`ExtendedSchedule`)."""
   schedule = WarmupCosine(base_lr=base_lr, total_steps=total_steps,
                           warmup_steps=min(warmup_steps, total_steps),
                           warmup_start_lr=warmup_start_lr, min_lr=min_lr)
+  if extensions:
+    schedule = ExtendedSchedule(schedule, total_steps, extensions, min_lr)
   return ReferenceSGD(schedule, momentum=momentum, l2_weight_decay=weight_decay), schedule
