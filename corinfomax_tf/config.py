@@ -812,7 +812,7 @@ class EmbedConfig:
   k: int = setting(10, 'Neighbours per query.', check='>= 1')
 
   # What the embeddings are of: a rerun with the same settings reuses them.
-  ARRAY_KEYS = ("encoder", "data.dataset", "data.data_dir", "data.tfds_data_dir",
+  ARRAY_KEYS = ("data.dataset", "data.data_dir", "data.tfds_data_dir",
                 "data.image_size", "data.image_check", "data.bad_images",
                 "data.max_image_pixels", "split", "max_images", "sprite")
 

@@ -8,6 +8,7 @@ except where a flagfile says otherwise.
 """
 
 import os
+import re
 import sys
 
 from absl import flags
@@ -194,8 +195,33 @@ def packaged_flagfile(path):
   return path
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _readable_flagfile(given):
+  """The flagfile absl should read for `--flagfile=given`: the shipped one where
+  `given` names it, a copy without the byte-order mark some Windows editors write
+  (absl would take the first flag for a stray argument); a file that cannot be read
+  is one line naming it."""
+  path = packaged_flagfile(given)
+  try:
+    with open(path, "rb") as fh:
+      text = fh.read()
+  except OSError as e:
+    exit_with_error(f"--flagfile={given}: cannot be read ({e.strerror})")
+  if not text.startswith(_BOM):
+    return path
+  import atexit
+  import tempfile
+  fd, copy = tempfile.mkstemp(suffix=".cfg", prefix="flagfile-")
+  with os.fdopen(fd, "wb") as fh:
+    fh.write(text[len(_BOM):])
+  atexit.register(lambda: os.path.exists(copy) and os.remove(copy))
+  return copy
+
+
 def _resolve_flagfiles(argv):
-  return [("--flagfile=" + packaged_flagfile(arg.split("=", 1)[1])
+  return [("--flagfile=" + _readable_flagfile(arg.split("=", 1)[1])
            if arg.startswith("--flagfile=") else arg) for arg in argv]
 
 
@@ -208,4 +234,6 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    exit_with_error(f"{e}; see --helpfull")
+    # absl prefixes some messages with "ERROR:: "; ours start with "error: ".
+    message = re.sub(r"^(ERROR:+ *)+", "", str(e))
+    exit_with_error(f"{message}; see --helpfull")

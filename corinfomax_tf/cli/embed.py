@@ -11,7 +11,9 @@ unlabeled images, paths "" where the set has none), a TensorBoard Projector view
 (projector_config.pbtxt, the embedding checkpoint, metadata.tsv, sprite.png of
 thumbnails) and, with --query, neighbours.json: each query image's --k most similar
 images of the set (cosine similarity of pooled features). A rerun with the same
-encoder and data reuses the embeddings, so queries cost one image each.
+encoder and data reuses the embeddings, so queries cost one image each: "the same"
+by content, the digest of the encoder's weights and of the image files (names, sizes,
+modification times), never by path.
 """
 
 import json
@@ -42,18 +44,26 @@ def _image_size(cfg, encoder):
   return datasets.resolve_image_size(cfg.data, encoder.metadata, runner.log).image_size
 
 
-def compute(cfg, encoder, size, workdir):
-  """Embeds the split and writes the arrays and the Projector view; returns arrays."""
+def load_split(cfg, size):
+  """(dataset, count, source) of the split to embed, its image folders scanned."""
   import dataclasses
 
+  from corinfomax_tf.data import datasets
+  data = dataclasses.replace(cfg.data, image_size=size)
+  split = datasets.load_split(data.dataset, cfg.split, **data.source_kwargs())
+  for scan in split[2].scans:
+    runner.log(scan.summary())
+  return split
+
+
+def compute(cfg, split, size, encoder, workdir):
+  """Embeds the split and writes the arrays and the Projector view; returns arrays."""
   import numpy as np
 
   from corinfomax_tf.data import datasets
   from corinfomax_tf.evaluation import embedding
-  data = dataclasses.replace(cfg.data, image_size=size)
-  ds, count, source = datasets.load_split(data.dataset, cfg.split, **data.source_kwargs())
-  for scan in source.scans:
-    runner.log(scan.summary())
+  data = cfg.data
+  ds, count, source = split
   if cfg.max_images:
     ds, count = ds.take(cfg.max_images), min(count, cfg.max_images)
   thumbnail = embedding.thumbnail_size(count, size) if cfg.sprite else 0
@@ -137,11 +147,17 @@ def main(flag_values):
   from corinfomax_tf.export import saved_model
   from corinfomax_tf.training import workdir as workdir_lib
   cfg = config_lib.embed_from_flags(flag_values)
+  from corinfomax_tf import fingerprints
   encoder = saved_model.load_encoder(cfg.encoder)
   size = _image_size(cfg, encoder)
+  split = load_split(cfg, size)
+  # What the arrays are a function of: the encoder's weights (not its path, which may
+  # point at another step later) and the images (an image tree's files as they are now).
   settings = config_lib.resume_settings(config_lib.as_dict(cfg), cfg.ARRAY_KEYS)
-  settings.update(encoder=os.path.abspath(cfg.encoder), image_size=size,
-                  encoder_step=encoder.metadata.get("step"))
+  settings.update(encoder_weights=encoder.identity["weights"], image_size=size,
+                  images=split[1])
+  if split[2].scans:
+    settings["files"] = fingerprints.files_digest(split[2].scans)
   with workdir_lib.Workdir(cfg.workdir, flag="--output_dir", command="corinfomax_tf.embed",
                            log=runner.log) as workdir:
     if (workdir.read_json(SETTINGS_FILE) == settings
@@ -151,7 +167,7 @@ def main(flag_values):
     else:
       if os.path.exists(workdir.join(SETTINGS_FILE)):  # what the arrays are of is moot
         os.remove(workdir.join(SETTINGS_FILE))
-      arrays = compute(cfg, encoder, size, workdir)
+      arrays = compute(cfg, split, size, encoder, workdir)
       workdir.write_json(SETTINGS_FILE, settings)
     if cfg.query:
       query(cfg, encoder, size, arrays, workdir)

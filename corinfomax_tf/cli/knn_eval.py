@@ -39,7 +39,8 @@ def main(flag_values):
                            log=runner.log) as workdir:
     result = knn.run_knn_eval(encoder, source, image_size=cfg.data.image_size, ks=cfg.k,
                               temperature=cfg.temperature)
-    result.update(saved_model.provenance(cfg.encoder, encoder.metadata, cfg.data.dataset))
+    result.update(saved_model.provenance(cfg.encoder, encoder.metadata, cfg.data.dataset,
+                                         encoder.identity))
     workdir.write_json(knn.RESULT_FILE, result)
   runner.log(json.dumps(result, sort_keys=True))
 

@@ -465,6 +465,59 @@ def check_data_service(address, timeout=5.0):
         "Feeding training from a tf.data service)")
 
 
+def wait_for_service_worker(address, log=print, report_every=30.0, first_report=3.0):
+  """Returns once a worker of the tf.data service at `address` delivers data.
+
+  A trainer on a dispatcher without workers would otherwise block inside TensorFlow
+  without a word, where Python's SIGTERM and SIGINT handlers cannot run. Here a
+  one-element probe job waits in a daemon thread while this thread says what it
+  waits for, and a SIGTERM or SIGINT ends the wait (errors.Preempted: exit 143).
+  """
+  import signal
+  import threading
+  import time
+  import uuid
+  done, failure = threading.Event(), []
+
+  def probe():
+    try:
+      ds = tf.data.Dataset.range(1).apply(tf.data.experimental.service.distribute(
+          processing_mode="parallel_epochs", service=address,
+          job_name=f"corinfomax_tf-probe-{uuid.uuid4().hex}"))
+      for _ in ds.take(1):
+        pass
+    except Exception as e:  # noqa: BLE001  (reported below)
+      failure.append(e)
+    done.set()
+
+  received = []
+
+  def handler(signum, frame):
+    received.append(signal.Signals(signum).name)
+  previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+  start = time.monotonic()
+  next_report = start + first_report
+  try:
+    threading.Thread(target=probe, daemon=True, name="data-service-probe").start()
+    while not done.wait(0.2):
+      if received:
+        raise errors.Preempted(
+            f"stopped by signal {received[0]} while waiting for a tf.data service worker "
+            f"at {address}; nothing was trained since the last checkpoint: rerun the same "
+            "command to resume")
+      if time.monotonic() >= next_report:
+        log(f"Waiting for a tf.data service worker at {address} ({time.monotonic() - start:.0f} "
+            "s so far): start one with `python -m corinfomax_tf.data_service --role=worker "
+            f"--dispatcher={address.split('://')[-1]}`")
+        next_report = time.monotonic() + report_every
+  finally:
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+  if failure:
+    raise errors.DataError(f"--data_service={address}: the service did not deliver data "
+                           f"({str(failure[0]).splitlines()[0][:200]})")
+
+
 def eval_dataset(ds, *, batch_size, image_size, mean, std):
   """Finite dataset of (normalised image, label, ...) batches for feature extraction."""
   def prep(image, *rest):

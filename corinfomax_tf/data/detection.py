@@ -11,15 +11,18 @@ the resized image with int32 class labels, padded with boxes of -1 and labels of
   pasted on smooth random backgrounds without overlapping; their tight boxes and digit
   classes are the ground truth. A function of the seed alone.
 * "coco_json": a user's COCO-format annotation file and image directory. Every
-  annotation is checked before training: a box outside its image, a box of zero area,
-  a category id missing from "categories" or an image file that does not exist is an
-  error naming the annotation and the file.
+  annotation is checked before training: a box outside its image, of zero area or not
+  finite, a category id missing from "categories", a malformed entry or an image file
+  that does not exist is an error naming the annotation and the file. Boxes beyond
+  --max_boxes in an image are left out, counted (`DetectionSource.dropped_boxes`),
+  logged and recorded in detect.json.
 * any tensorflow-datasets detection set with image/objects/bbox/label features
   (coco/2017), read from --tfds_data_dir without downloading.
 """
 
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -40,6 +43,9 @@ class DetectionSource:
   num_train: int
   num_test: int
   class_names: tuple
+  # Boxes beyond --max_boxes left out: {"train": {"boxes": n, "images": m,
+  # "most_in_one_image": k}, "test": {...}} (COCO JSON; empty where none were).
+  dropped_boxes: dict = dataclasses.field(default_factory=dict)
 
   @property
   def num_classes(self):
@@ -135,7 +141,7 @@ def read_coco_json(annotations_path, images_dir, flag="--train_annotations"):
   if not os.path.isfile(annotations_path):
     fail("no such file")
   try:
-    with open(annotations_path) as fh:
+    with open(annotations_path, encoding="utf-8-sig") as fh:
       coco = json.load(fh)
   except (OSError, ValueError) as e:
     fail(f"not a JSON file ({str(e).splitlines()[0]})")
@@ -144,35 +150,51 @@ def read_coco_json(annotations_path, images_dir, flag="--train_annotations"):
       fail(f"has no {key!r} list (not COCO format)")
   if not coco["categories"]:
     fail("lists no categories")
-  category_ids = sorted(int(c["id"]) for c in coco["categories"])
-  names = {int(c["id"]): str(c.get("name", c["id"])) for c in coco["categories"]}
+  names = {}
+  for category in coco["categories"]:
+    try:
+      names[int(category["id"])] = str(category.get("name", category["id"]))
+    except (KeyError, TypeError, ValueError, AttributeError):
+      fail(f"category entry {category!r:.120} lacks an integer id")
+  category_ids = sorted(names)
   label_of = {cid: i for i, cid in enumerate(category_ids)}
   images = {}
   for image in coco["images"]:
     try:
-      images[int(image["id"])] = (image["file_name"], float(image["width"]),
-                                  float(image["height"]))
+      entry = (str(image["file_name"]), float(image["width"]), float(image["height"]))
+      image_id = int(image["id"])
     except (KeyError, TypeError, ValueError):
-      fail(f"image entry {image!r} lacks id, file_name, width or height")
+      fail(f"image entry {image!r:.120} lacks id, file_name, width or height")
+    if not (entry[1] > 0 and entry[2] > 0 and math.isfinite(entry[1] * entry[2])):
+      fail(f"image {image_id} ({entry[0]}): width and height must be positive, not "
+           f"{entry[1]:g}x{entry[2]:g}")
+    if image_id in images:
+      fail(f"image id {image_id} is listed twice ({images[image_id][0]}, {entry[0]})")
+    images[image_id] = entry
   per_image = {image_id: ([], []) for image_id in images}
   crowd = 0
   for ann in coco["annotations"]:
+    if not isinstance(ann, dict):
+      fail(f"annotation entry {ann!r:.120} is not an object")
     ann_id = ann.get("id", "?")
     image_id = ann.get("image_id")
-    if image_id not in images:
-      fail(f"annotation {ann_id}: image_id {image_id} is not in 'images'")
+    if not isinstance(image_id, int) or image_id not in images:
+      fail(f"annotation {ann_id}: image_id {image_id!r:.60} is not in 'images'")
     file_name, width, height = images[image_id]
     where = f"annotation {ann_id} ({file_name})"
     if ann.get("iscrowd", 0):
       crowd += 1  # COCO's crowd regions are ignored in training, as usual
       continue
-    if ann.get("category_id") not in label_of:
-      fail(f"{where}: category_id {ann.get('category_id')} is not one of the "
+    category = ann.get("category_id")
+    if not isinstance(category, int) or category not in label_of:
+      fail(f"{where}: category_id {category!r:.60} is not one of the "
            f"categories {category_ids[:10]}{'...' if len(category_ids) > 10 else ''}")
     try:
       x, y, w, h = (float(v) for v in ann["bbox"])
     except (KeyError, TypeError, ValueError):
       fail(f"{where}: bbox must be [x, y, width, height]")
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+      fail(f"{where}: box [{x:g}, {y:g}, {w:g}, {h:g}] is not finite")
     if w <= 0 or h <= 0:
       fail(f"{where}: box [{x:g}, {y:g}, {w:g}, {h:g}] has zero area")
     tolerance = 1.0  # annotation tools round to the pixel
@@ -182,7 +204,7 @@ def read_coco_json(annotations_path, images_dir, flag="--train_annotations"):
            f"{width:g}x{height:g} image")
     boxes, labels = per_image[image_id]
     boxes.append([max(0.0, x), max(0.0, y), min(width, x + w), min(height, y + h)])
-    labels.append(label_of[ann["category_id"]])
+    labels.append(label_of[category])
   paths, targets = [], []
   for image_id, (file_name, width, height) in images.items():
     path = os.path.join(images_dir, file_name)
@@ -206,10 +228,22 @@ def _decode_resized(path, boxes, labels, image_size):
   return image, {"boxes": boxes, "labels": labels}
 
 
+def dropped_by_max_boxes(targets, max_boxes):
+  """What --max_boxes leaves out of `targets` ([(boxes, labels, w, h)]): {} when
+  nothing, else {"boxes": n, "images": m, "most_in_one_image": k}."""
+  counts = [len(labels) for _, labels, _, _ in targets]
+  over = [n for n in counts if n > max_boxes]
+  if not over:
+    return {}
+  return {"boxes": int(sum(n - max_boxes for n in over)), "images": len(over),
+          "most_in_one_image": int(max(over))}
+
+
 def coco_json_source(train_annotations, train_images, test_annotations, test_images, *,
                      image_size, max_boxes):
   splits = {}
   names = None
+  dropped = {}
   for flag, ann, folder in (("--train_annotations", train_annotations, train_images),
                             ("--test_annotations", test_annotations, test_images)):
     paths, targets, split_names, _ = read_coco_json(ann, folder, flag)
@@ -217,6 +251,9 @@ def coco_json_source(train_annotations, train_images, test_annotations, test_ima
       raise errors.DataError(f"{flag}={ann}: its categories differ from the training "
                                "annotations'")
     names = split_names
+    lost = dropped_by_max_boxes(targets, max_boxes)
+    if lost:
+      dropped["train" if flag == "--train_annotations" else "test"] = lost
     padded = [pad_boxes(b, l, max_boxes) for b, l, _, _ in targets]
     # Boxes are in original pixels; _decode_resized scales them with the image.
     ds = tf.data.Dataset.from_tensor_slices(
@@ -225,7 +262,7 @@ def coco_json_source(train_annotations, train_images, test_annotations, test_ima
                 num_parallel_calls=tf.data.AUTOTUNE)
     splits[flag] = (ds, len(paths))
   (train, n_train), (test, n_test) = splits.values()
-  return DetectionSource(COCO_JSON, train, test, n_train, n_test, names)
+  return DetectionSource(COCO_JSON, train, test, n_train, n_test, names, dropped)
 
 
 # ----------------------------------------------------------------------------

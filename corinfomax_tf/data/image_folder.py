@@ -229,7 +229,7 @@ def read_image_list(list_file, flag="--data_dir"):
   out; relative paths are relative to the file's folder). A missing file is an error
   naming its line: a list is a promise, unlike a folder."""
   try:
-    with open(list_file, encoding="utf-8") as fh:
+    with open(list_file, encoding="utf-8-sig") as fh:  # a BOM is not a path
       lines = fh.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise errors.DataError(f"{flag}: cannot read the image list {list_file!r} "

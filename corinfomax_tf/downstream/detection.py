@@ -243,7 +243,8 @@ def run_detection(encoder, metadata, source, cfg, log=print):
     raise errors.ConfigError(f"--batch_size={cfg.batch_size}: larger than the "
                              f"{source.num_train} training images")
   with epochs_lib.EpochRun.open(cfg, command="corinfomax_tf.detect",
-                                result_file=RESULT_FILE, log=log) as run:
+                                result_file=RESULT_FILE, log=log,
+                                encoder=metadata.get("identity")) as run:
     if run.finished is not None:
       log(f"Already trained: {cfg.epochs} epochs in {cfg.workdir}")
       return run.finished
@@ -258,6 +259,12 @@ def run_detection(encoder, metadata, source, cfg, log=print):
     log(f"{source.num_train} training / {source.num_test} test images, "
         f"{source.num_classes} classes; {steps_per_epoch} steps of {cfg.batch_size} "
         "per epoch")
+    for split, lost in sorted(source.dropped_boxes.items()):
+      log(f"warning: --max_boxes={cfg.data.max_boxes} leaves {lost['boxes']} {split} "
+          f"boxes out ({lost['images']} images hold more, up to "
+          f"{lost['most_in_one_image']}"
+          + ("; the test mAP is computed without them" if split == "test" else "")
+          + f"); --max_boxes={lost['most_in_one_image']} keeps every box")
     coverage = _report_anchor_coverage(detector, source, cfg, log)
     callbacks = [
         _epoch_end(run, lambda: (evaluate_map(detector, test, source.num_classes),
@@ -273,10 +280,12 @@ def run_detection(encoder, metadata, source, cfg, log=print):
     write_picture(detector, test, list(source.class_names), run.workdir,
                   steps_per_epoch * cfg.epochs)
     return run.finish(dict(
-        **scores, anchor_coverage=coverage, train_eval_images=int(
+        **scores, anchor_coverage=coverage, dropped_boxes=source.dropped_boxes,
+        train_eval_images=int(
             min(TRAIN_EVAL_IMAGES, source.num_train)), init=cfg.init, batch_size=cfg.batch_size, lr=cfg.lr,
         image_size=cfg.data.image_size, num_train=source.num_train,
         num_test=source.num_test, num_classes=source.num_classes,
         class_names=list(source.class_names), seed=cfg.seed,
         parameters=int(detector.count_params()),
-        **saved_model.provenance(cfg.encoder, metadata, cfg.data.dataset)))
+        **saved_model.provenance(cfg.encoder, metadata, cfg.data.dataset,
+                                 metadata.get("identity"))))

@@ -158,7 +158,8 @@ def run_finetune(backbone, metadata, source, cfg, log=print):
   if cfg.deterministic:
     tf.config.experimental.enable_op_determinism()
   with epochs_lib.EpochRun.open(cfg, command="corinfomax_tf.finetune",
-                                result_file=RESULT_FILE, log=log) as run:
+                                result_file=RESULT_FILE, log=log,
+                                encoder=metadata.get("identity")) as run:
     if run.finished is not None:
       log(f"Already fine-tuned: {cfg.epochs} epochs in {cfg.workdir}")
       return run.finished
@@ -214,4 +215,5 @@ def run_finetune(backbone, metadata, source, cfg, log=print):
         backbone_lr=cfg.backbone_lr, head_lr=cfg.head_lr,
         lr_decay_epochs=list(cfg.lr_decay_epochs), lr_decay_factor=cfg.lr_decay_factor,
         weight_decay=cfg.weight_decay, seed=cfg.seed,
-        **saved_model.provenance(cfg.encoder, metadata, cfg.data.dataset)))
+        **saved_model.provenance(cfg.encoder, metadata, cfg.data.dataset,
+                                 metadata.get("identity"))))

@@ -122,7 +122,7 @@ def run_linear_eval(encoder, source, cfg, log=print):
     tf.config.experimental.enable_op_determinism()
   with epochs_lib.EpochRun.open(cfg, command="corinfomax_tf.linear_eval",
                                 result_file=RESULT_FILE, flag="--output_dir",
-                                log=log) as run:
+                                log=log, encoder=encoder.identity) as run:
     if run.finished is not None:
       log(f"Already evaluated: {cfg.epochs} epochs in {cfg.workdir}")
       return run.finished
@@ -173,4 +173,5 @@ def run_linear_eval(encoder, source, cfg, log=print):
         **result, "batch_size": cfg.batch_size, "lr": cfg.lr, "schedule": cfg.schedule,
         "protocol": protocol_of(cfg), "num_train": source.num_train,
         "num_test": source.num_test, "num_classes": num_classes,
-        **saved_model.provenance(cfg.encoder, encoder.metadata, cfg.data.dataset)})
+        **saved_model.provenance(cfg.encoder, encoder.metadata, cfg.data.dataset,
+                                 encoder.identity)})

@@ -234,8 +234,7 @@ def load_preset(path):
     raise errors.ExportError(f"--encoder={path}: holds no keras-hub preset (its backbone "
                              "is not a keras-hub Backbone, or it was exported before "
                              "presets were written)")
-  with open(os.path.join(preset, "metadata.json")) as fh:
-    metadata = json.load(fh)["corinfomax_tf"]
+  metadata = _preset_metadata(preset)
   return keras_hub.models.Backbone.from_preset(preset), metadata
 
 
@@ -264,10 +263,67 @@ def read_metadata(path):
   return metadata
 
 
-def provenance(path, metadata, dataset):
-  """What a downstream result was computed from: the encoder and its step, the data."""
-  return {"encoder": os.path.abspath(path), "encoder_step": metadata["step"],
-          "dataset": dataset}
+def provenance(path, metadata, dataset, identity=None):
+  """What a downstream result was computed from: the encoder, its step and (with
+  `identity`, see `encoder_identity`) the digest of its weights, the data."""
+  out = {"encoder": os.path.abspath(path), "encoder_step": metadata["step"],
+         "dataset": dataset}
+  if identity:
+    out["encoder_weights"] = identity["weights"]
+  return out
+
+
+def encoder_identity(variables, metadata):
+  """{"weights": digest of the encoder's weights, "step": its training step}: what a
+  downstream result is keyed by (not the encoder's path, which may point elsewhere
+  later)."""
+  from corinfomax_tf import fingerprints
+  return {"weights": fingerprints.weights_digest(variables), "step": metadata.get("step")}
+
+
+def _config_json(path):
+  try:
+    with open(os.path.join(path, "config.json")) as fh:
+      return json.load(fh)
+  except (OSError, ValueError):
+    return None
+
+
+def encoder_kind(path):
+  """"export", "preset" (a keras-hub preset folder), "workdir" (a training workdir),
+  or a UserError naming --encoder."""
+  if not os.path.exists(path):
+    raise errors.ExportError(f"--encoder={path}: does not exist")
+  if is_our_export(path):
+    return "export"
+  config = _config_json(path)
+  if isinstance(config, dict) and "model" in config and "data" in config:
+    return "workdir"
+  if isinstance(config, dict) and "class_name" in config:
+    return "preset"
+  raise errors.ExportError(f"--encoder={path}: neither a corinfomax_tf export, its "
+                           "preset, nor a training workdir")
+
+
+def _preset_metadata(path):
+  """The export metadata a preset of ours holds, or a UserError naming --encoder."""
+  try:
+    with open(os.path.join(path, "metadata.json")) as fh:
+      metadata = json.load(fh).get("corinfomax_tf")
+  except (OSError, ValueError, AttributeError):
+    metadata = None
+  if not isinstance(metadata, dict) or "normalization" not in metadata:
+    raise errors.ExportError(
+        f"--encoder={path}: a keras-hub preset that no corinfomax_tf export wrote (its "
+        "metadata.json holds no image size and normalisation); pretrain from it with "
+        f"--backbone={path}, then export")
+  return metadata
+
+
+def _export_of_preset(path):
+  """The export a preset folder belongs to (its parent), or None."""
+  parent = os.path.dirname(os.path.normpath(os.path.abspath(path)))
+  return parent if is_our_export(parent) else None
 
 
 class FrozenEncoder:
@@ -281,6 +337,7 @@ class FrozenEncoder:
     self._owner = owner
     self.metadata = metadata
     self.trainable_variables = list(trainable_variables)
+    self.identity = None   # encoder_identity(...), set by load_encoder
 
   @property
   def image_size(self):
@@ -300,46 +357,62 @@ class FrozenEncoder:
 
 
 def load_encoder(path):
-  """An export directory (or its link) or a training workdir -> FrozenEncoder."""
-  if not os.path.exists(path):
-    raise errors.ExportError(f"--encoder={path}: does not exist")
-  if is_our_export(path):
+  """An export directory (or its link), its preset folder, a preset copied elsewhere,
+  or a training workdir -> FrozenEncoder (with `identity`, the digest of its weights)."""
+  kind = encoder_kind(path)
+  if kind == "preset" and _export_of_preset(path):
+    path, kind = _export_of_preset(path), "export"   # the SavedModel beside it
+  if kind == "export":
     metadata = read_metadata(path)
     loaded = tf.saved_model.load(path)
-    return FrozenEncoder(loaded.call_inference, metadata, loaded.trainable_variables,
-                         owner=loaded)
-  if os.path.isfile(os.path.join(path, "config.json")):
-    from corinfomax_tf.models import pooling
+    encoder = FrozenEncoder(loaded.call_inference, metadata, loaded.trainable_variables,
+                            owner=loaded)
+    encoder.identity = encoder_identity(loaded.variables, metadata)
+    return encoder
+  from corinfomax_tf.models import pooling
+  if kind == "preset":
+    backbone, metadata = load_preset(path)
+  else:
     backbone, config, step, _ = restore_encoder(path)
     metadata = metadata_for(backbone, config, step)
-    encoder = pooling.pooled_model(backbone)
-    mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
-    std = tf.constant(metadata["normalization"]["std"], tf.float32)
+  pooled = pooling.pooled_model(backbone)
+  mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
+  std = tf.constant(metadata["normalization"]["std"], tf.float32)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-    def call(images01):
-      return encoder((images01 - mean) / std, training=False)
-    return FrozenEncoder(call, metadata, encoder.trainable_variables, owner=encoder)
-  raise errors.ExportError(f"--encoder={path}: neither a corinfomax_tf export nor a training "
-                    "workdir")
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+  def call(images01):
+    return pooled((images01 - mean) / std, training=False)
+  encoder = FrozenEncoder(call, metadata, pooled.trainable_variables, owner=pooled)
+  encoder.identity = encoder_identity(backbone.weights, metadata)
+  return encoder
 
 
 def load_trainable_encoder(path):
   """(backbone, metadata): a live, trainable encoder for fine-tuning, from
-  an export's keras-hub preset or a training workdir's checkpoint.
+  an export's keras-hub preset, a preset folder, or a training workdir's checkpoint.
+  metadata["identity"] identifies its weights (`encoder_identity`).
 
   The preset is checked against the SavedModel beside it (pooled features on a random
   batch), so an export whose two halves disagree can never go unnoticed. The backbone
   takes normalised images (metadata["normalization"]) and returns its last feature map.
   """
+  kind = encoder_kind(path)
+  if kind == "preset" and _export_of_preset(path):
+    path, kind = _export_of_preset(path), "export"
+  if kind == "workdir":
+    backbone, config, step, _ = restore_encoder(path)
+    metadata = metadata_for(backbone, config, step)
+  elif kind == "preset":
+    backbone, metadata = load_preset(path)
+  else:
+    backbone, metadata = _checked_preset_of_export(path)
+  return backbone, {**metadata, "identity": encoder_identity(backbone.weights, metadata)}
+
+
+def _checked_preset_of_export(path):
   import numpy as np
 
   from corinfomax_tf.models import pooling
-  if not os.path.exists(path):
-    raise errors.ExportError(f"--encoder={path}: does not exist")
-  if os.path.isfile(os.path.join(path, "config.json")) and not is_our_export(path):
-    backbone, config, step, _ = restore_encoder(path)
-    return backbone, metadata_for(backbone, config, step)
   read_metadata(path)  # one line if it is not an export of ours
   backbone, metadata = load_preset(path)
   size = metadata["image_size"]

@@ -20,9 +20,22 @@ kill between the two loses nothing and repeats nothing.
 import contextlib
 
 from corinfomax_tf import config as config_lib
+from corinfomax_tf import errors
 from corinfomax_tf.training import workdir as workdir_lib
 
 PROGRESS_FILE = "progress.json"
+# config.json's record of the encoder's weights (fingerprints.weights_digest) and step.
+ENCODER_KEY = "encoder_identity"
+
+
+def _check_same_encoder(saved, current, cfg, workdir):
+  if not saved or not current or saved.get("weights") == current.get("weights"):
+    return
+  raise errors.ConfigError(
+      f"--encoder={cfg.encoder}: holds other weights (step {current.get('step')}) than "
+      f"the encoder the workdir {workdir.path} was computed from (step "
+      f"{saved.get('step')}); use a new {workdir.flag} for this encoder, or the "
+      "same encoder")
 
 
 class EpochRun:
@@ -38,13 +51,20 @@ class EpochRun:
 
   @classmethod
   @contextlib.contextmanager
-  def open(cls, cfg, *, command, result_file, flag="--workdir", log=print):
+  def open(cls, cfg, *, command, result_file, flag="--workdir", log=print, encoder=None):
+    """`encoder`: what identifies the encoder the result is computed from
+    ({"weights": digest, "step": step}); a workdir whose checkpoints or result were
+    computed from other weights is refused, whatever path the encoder has now."""
     with workdir_lib.Workdir(cfg.workdir, flag=flag, command=command, log=log) as workdir:
       saved = workdir.read_json("config.json")
       current = config_lib.as_dict(cfg)
-      if saved is not None and workdir.has_checkpoints():
+      if saved is not None and (workdir.has_checkpoints() or
+                                workdir.read_json(result_file) is not None):
         workdir.check_compatible(config_lib.resume_settings(saved, cfg.RESUME_KEYS),
                                  config_lib.resume_settings(current, cfg.RESUME_KEYS))
+        _check_same_encoder(saved.get(ENCODER_KEY), encoder, cfg, workdir)
+      if encoder is not None:
+        current[ENCODER_KEY] = encoder
       workdir.write_json("config.json", current)
       yield cls(workdir, cfg, result_file)
 

@@ -73,13 +73,10 @@ def check_resume(saved, current, workdir):
 def images_fingerprint(source):
   """What identifies the training images: their count, and a digest of the kept
   files' paths (relative to their root) and labels where they are files."""
+  from corinfomax_tf import fingerprints
   info = {"count": int(source.num_train)}
   if source.scans:
-    digest = hashlib.sha256()
-    for scan in source.scans:
-      for path, label in zip(scan.paths, scan.labels):
-        digest.update(f"{os.path.relpath(path, scan.root)}\t{label}\n".encode())
-    info["files_sha256"] = digest.hexdigest()
+    info["files_sha256"] = fingerprints.files_digest(source.scans, stat=False)
   return info
 
 
@@ -436,16 +433,24 @@ class PretrainingJob:
     step, spe, t = self.step, self.spe, self.cfg.train
     history = None
     if step % spe:
+      self._wait_for_data_service()
       # Stopped mid-epoch (preemption): finish that epoch first.
       history = self.model.fit(
           self._dataset_from(step), epochs=step // spe + 1, initial_epoch=step // spe,
           steps_per_epoch=spe - step % spe, callbacks=callbacks, verbose=0, shuffle=False)
       step = self._step_now()
     if step < self.total_steps and not self.preemption.stopped:
+      self._wait_for_data_service()
       history = self.model.fit(
           self._dataset_from(step), epochs=self.total_epochs, initial_epoch=step // spe,
           steps_per_epoch=spe, callbacks=callbacks, verbose=0, shuffle=False)
     return history
+
+  def _wait_for_data_service(self):
+    if self.cfg.data.data_service and not getattr(self, "_service_ready", False):
+      from corinfomax_tf.data import datasets as data_lib
+      data_lib.wait_for_service_worker(self.cfg.data.data_service, self.log)
+      self._service_ready = True
 
   def _dataset_from(self, start_step):
     """The same stream as an uninterrupted run, from its start_step-th batch on. Each
