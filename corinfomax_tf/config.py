@@ -254,6 +254,9 @@ class TrainConfig:
       'same list to resume; append a phase to train longer again. See README, '
       "'Training longer'.")
   keep_checkpoints: int = setting(3, 'Checkpoints kept in the workdir.', check='>= 1')
+  export_runtimes: bool = setting(
+      True, 'With --export: also encoder.onnx and encoder.tflite, each checked by its '
+      'runtime (the export command: --onnx, --litert).')
   export: bool = setting(
       False,
       'After training, export the encoder (SavedModel + keras-hub preset) to '
@@ -667,6 +670,10 @@ class KnnEvalConfig:
   num_classes: int = setting(0, "Expected class count (0: the data set's).", check='>= 0')
   k: tuple = setting((20, 200), 'Neighbour counts.')
   temperature: float = setting(0.07, 'Vote temperature.', check='> 0')
+  runtime: str = setting(
+      "tensorflow", 'Runs the encoder with: tensorflow (the SavedModel), or onnx (the '
+      "export's encoder.onnx in ONNX Runtime, TensorFlow out of the encoder's loop).",
+      choices=("tensorflow", "onnx"))
 
 
 def knn_eval_from_flags(f):
@@ -810,6 +817,10 @@ class EmbedConfig:
       'Image files whose nearest neighbours in the set are printed and written to '
       'neighbours.json.')
   k: int = setting(10, 'Neighbours per query.', check='>= 1')
+  runtime: str = setting(
+      "tensorflow", 'Runs the encoder with: tensorflow (the SavedModel), or onnx (the '
+      "export's encoder.onnx in ONNX Runtime, TensorFlow out of the encoder's loop).",
+      choices=("tensorflow", "onnx"))
 
   # What the embeddings are of: a rerun with the same settings reuses them.
   ARRAY_KEYS = ("data.dataset", "data.data_dir", "data.tfds_data_dir",
@@ -839,6 +850,10 @@ class ExportConfig:
   export_dir: str
   checkpoint: str = setting("", 'A checkpoint prefix; default: the latest.')
   overwrite: bool = setting(False, 'Replace an existing export of the same step.')
+  onnx: bool = setting(True, 'Also write encoder.onnx (uint8 pixels in, pooled features '
+                       'out; checked with onnxruntime).')
+  litert: bool = setting(True, 'Also write encoder.tflite (LiteRT; checked with its '
+                         'interpreter).')
 
 
 def export_from_flags(f):

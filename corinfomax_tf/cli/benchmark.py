@@ -55,6 +55,10 @@ def define_flags():
                        "--input_only: JPEGs in the generated folder (made once in the "
                        "temporary folder, then reused).")
   flags.DEFINE_integer("input_batch_size", 64, "--input_only: batch size of both pipelines.")
+  flags.DEFINE_bool("runtimes_only", False,
+                    "Encoder images/s of ONNX Runtime against the SavedModel (ResNet-18 at "
+                    "32 px, ResNet-50 at 224 px, batch --input_batch_size), nothing else.")
+  flags.DEFINE_integer("runtime_rounds", 5, "--runtimes_only: timed rounds of each.")
 
 
 def format_table(r):
@@ -97,9 +101,25 @@ def format_input_only(r):
       f"{r['ratio_to_decode']:.2f} of the decode rate"])
 
 
+def format_runtimes(rows):
+  return "\n".join(
+      f"{r['encoder']} at {r['image_size']} px, batch {r['batch_size']}: SavedModel "
+      f"{r['savedmodel_images_per_s']:.1f} images/s, ONNX Runtime "
+      f"{r['onnxruntime_images_per_s']:.1f} images/s ({r['onnx_over_savedmodel']:.2f}x; "
+      f"features equal to {r['relative_difference']:.1g})" for r in rows)
+
+
 def main(flag_values):
   f = flag_values
   cfg = config_lib.from_flags(f)
+  if f.runtimes_only:
+    from corinfomax_tf.benchmarking import runtimes
+    if f.input_batch_size < 1 or f.runtime_rounds < 1:
+      raise errors.ConfigError("--input_batch_size, --runtime_rounds: must be >= 1")
+    rows = runtimes.time_runtimes(batch_size=f.input_batch_size, rounds=f.runtime_rounds)
+    print(json.dumps({"runtimes": rows}, sort_keys=True) if f.json else
+          format_runtimes(rows), flush=True)
+    return
   if f.input_only:
     from corinfomax_tf.benchmarking import input_pipeline
     for name in ("input_images", "input_batch_size", "pipeline_batches"):

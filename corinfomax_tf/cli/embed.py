@@ -148,7 +148,7 @@ def main(flag_values):
   from corinfomax_tf.training import workdir as workdir_lib
   cfg = config_lib.embed_from_flags(flag_values)
   from corinfomax_tf import fingerprints
-  encoder = saved_model.load_encoder(cfg.encoder)
+  encoder = saved_model.load_encoder(cfg.encoder, runtime=cfg.runtime)
   size = _image_size(cfg, encoder)
   split = load_split(cfg, size)
   # What the arrays are a function of: the encoder's weights (not its path, which may

@@ -26,7 +26,12 @@ def main(flag_values):
   cfg = config_lib.export_from_flags(flag_values)
   from corinfomax_tf.export import saved_model
   path, step = saved_model.export_workdir(cfg.workdir, cfg.export_dir, cfg.checkpoint,
-                                          overwrite=cfg.overwrite)
+                                          overwrite=cfg.overwrite, onnx=cfg.onnx,
+                                          litert=cfg.litert, log=runner.log)
+  for name, entry in saved_model.read_metadata(path).get("runtimes", {}).items():
+    if "relative_difference" in entry:
+      runner.log(f"{entry['file']}: {entry['runtime']} gives the SavedModel's features to "
+                 f"{entry['relative_difference']:.2g} (tolerance {entry['tolerance']:g})")
   runner.log(f"Exported step {step} to {path}; {cfg.export_dir} -> it; reload check passed")
 
 

@@ -30,7 +30,7 @@ def main(flag_values):
   from corinfomax_tf.evaluation import knn
   from corinfomax_tf.export import saved_model
   from corinfomax_tf.training import workdir as workdir_lib
-  encoder = saved_model.load_encoder(cfg.encoder)
+  encoder = saved_model.load_encoder(cfg.encoder, runtime=cfg.runtime)
   cfg = dataclasses.replace(cfg, data=datasets.resolve_image_size(cfg.data, encoder.metadata,
                                                                   runner.log))
   source = datasets.load_eval_source(cfg.data, encoder.image_size, cfg.num_classes,
@@ -40,7 +40,7 @@ def main(flag_values):
     result = knn.run_knn_eval(encoder, source, image_size=cfg.data.image_size, ks=cfg.k,
                               temperature=cfg.temperature)
     result.update(saved_model.provenance(cfg.encoder, encoder.metadata, cfg.data.dataset,
-                                         encoder.identity))
+                                         encoder.identity), runtime=cfg.runtime)
     workdir.write_json(knn.RESULT_FILE, result)
   runner.log(json.dumps(result, sort_keys=True))
 

@@ -22,6 +22,10 @@ def extract_features(encoder, dataset):
   def features(images):
     return encoder(images, training=False)
 
+  if getattr(encoder, "outside_tensorflow", False):   # ONNX Runtime: called eagerly
+    def features(images):  # noqa: F811
+      return tf.constant(encoder(images.numpy()))
+
   feats, labels = [], []
   for images, y in dataset:
     feats.append(features(images).numpy())

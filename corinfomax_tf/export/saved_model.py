@@ -167,8 +167,12 @@ def is_our_export(path):
   return os.path.isfile(os.path.join(path, METADATA_FILE))
 
 
-def write_export(backbone, metadata, export_dir, overwrite=False):
-  """Writes <export_dir>.steps/<step>/ atomically and points <export_dir> at it.
+def write_export(backbone, metadata, export_dir, overwrite=False, *, onnx=True,
+                 litert=True, log=print):
+  """Writes <export_dir>.steps/<step>/ atomically and points <export_dir> at it: the
+  SavedModel, the keras-hub preset, and (`onnx`, `litert`) encoder.onnx and
+  encoder.tflite, each checked by its own runtime against the SavedModel
+  (`export.runtimes`; the measured differences go to metadata["runtimes"]).
 
   Returns the step directory. Refuses (errors.ExportError) an export_dir that exists and
   is not one of our exports, and an existing step unless `overwrite`.
@@ -189,6 +193,9 @@ def write_export(backbone, metadata, export_dir, overwrite=False):
   tmp = os.path.join(root, f".tmp-{metadata['step']}-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   build_archive(backbone, metadata).write_out(tmp, verbose=False)
+  if onnx or litert:
+    metadata = {**metadata, "runtimes": _runtime_files(backbone, metadata, tmp, onnx,
+                                                       litert, log)}
   os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
   with open(os.path.join(tmp, METADATA_FILE), "w") as fh:
     json.dump(metadata, fh, indent=2, sort_keys=True)
@@ -203,6 +210,23 @@ def write_export(backbone, metadata, export_dir, overwrite=False):
     os.rename(tmp, final)
   _point_link(export_dir, os.path.relpath(final, os.path.dirname(export_dir) or "."))
   return final
+
+
+def _runtime_files(backbone, metadata, directory, onnx, litert, log):
+  """encoder.onnx / encoder.tflite in `directory`, run by their runtimes on real
+  images and compared with the SavedModel written there; the metadata entry."""
+  from corinfomax_tf.export import runtimes
+  files = runtimes.write_runtime_files(backbone, metadata, directory, onnx=onnx,
+                                       litert=litert, log=log)
+  images = runtimes.check_images(metadata["image_size"])
+  want = tf.saved_model.load(directory).signatures["serving_default"](
+      images=tf.constant(images))["features"].numpy()
+  report = runtimes.check_runtime_files(directory, files, images, want, log=log)
+  for name, entry in report.items():
+    if "relative_difference" in entry:
+      entry["check"] = (f"{len(images)} digits images (scikit-learn's, resized), "
+                        "against the SavedModel's serving_default")
+  return report
 
 
 def has_preset_support(backbone):
@@ -356,12 +380,20 @@ class FrozenEncoder:
     return self._fn(images01)
 
 
-def load_encoder(path):
+def load_encoder(path, runtime="tensorflow"):
   """An export directory (or its link), its preset folder, a preset copied elsewhere,
-  or a training workdir -> FrozenEncoder (with `identity`, the digest of its weights)."""
+  or a training workdir -> FrozenEncoder (with `identity`, the digest of its weights).
+  `runtime="onnx"`: the export's encoder.onnx run by ONNX Runtime
+  (`runtimes.OnnxEncoder`, same call)."""
   kind = encoder_kind(path)
   if kind == "preset" and _export_of_preset(path):
     path, kind = _export_of_preset(path), "export"   # the SavedModel beside it
+  if runtime == "onnx":
+    if kind != "export":
+      raise errors.ExportError(f"--runtime=onnx: --encoder={path} is not an export (a "
+                               "training workdir or preset has no encoder.onnx); export it")
+    from corinfomax_tf.export import runtimes
+    return runtimes.OnnxEncoder(path, read_metadata(path))
   if kind == "export":
     metadata = read_metadata(path)
     loaded = tf.saved_model.load(path)
@@ -429,16 +461,19 @@ def _checked_preset_of_export(path):
   return backbone, metadata
 
 
-def export_workdir(workdir, export_dir, checkpoint="", overwrite=False):
+def export_workdir(workdir, export_dir, checkpoint="", overwrite=False, *, onnx=True,
+                   litert=True, log=print):
   """Exports the encoder of a training workdir's checkpoint (default: the latest),
   then proves the export reloads and computes what the live encoder computes.
+  `onnx`, `litert`: also encoder.onnx and encoder.tflite (`write_export`).
   Returns (export path, step)."""
   import numpy as np
 
   from corinfomax_tf.models import pooling
   backbone, config, step, checkpoint = restore_encoder(workdir, checkpoint or None)
   metadata = metadata_for(backbone, config, step, checkpoint)
-  path = write_export(backbone, metadata, export_dir, overwrite=overwrite)
+  path = write_export(backbone, metadata, export_dir, overwrite=overwrite, onnx=onnx,
+                      litert=litert, log=log)
   encoder = pooling.pooled_model(backbone)
   size = metadata["image_size"]
   images = np.random.RandomState(0).randint(0, 256, (3, size, size, 3)).astype(np.uint8)

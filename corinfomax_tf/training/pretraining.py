@@ -536,7 +536,9 @@ class PretrainingJob:
         saved_model.read_metadata(export_dir)["step"] == self.summary["step"]):
       self.summary["export"] = export_dir
       return
-    path, step = saved_model.export_workdir(t.workdir, export_dir, overwrite=True)
+    path, step = saved_model.export_workdir(t.workdir, export_dir, overwrite=True,
+                                            onnx=t.export_runtimes,
+                                            litert=t.export_runtimes, log=self.log)
     self.summary["export"] = export_dir
     self.log(f"Exported step {step} to {path}; {export_dir} -> it; reload check passed")
 
