@@ -39,6 +39,9 @@ EXAMPLES = {
                                sync_batch_norm=True, dtype="float64"),
     "WarmupCosine": dict(base_lr=0.3, total_steps=100, warmup_steps=10,
                          warmup_start_lr=0.01, min_lr=1e-4, steps_per_update=3),
+    "ExtendedSchedule": dict(
+        base=schedules.WarmupCosine(base_lr=0.3, total_steps=10, warmup_steps=2),
+        base_steps=10, phases=[[4, None], [5, 0.2]], min_lr=1e-3),
     "ReferenceSGD": dict(learning_rate=0.1, momentum=0.8, l2_weight_decay=1e-3),
     "TokenPooling": dict(class_token=False),
     "CorInfoMax": _pretraining_model(),
@@ -71,7 +74,8 @@ def test_config_round_trips_every_constructor_argument(name):
     got = config[key]
     if key == "dtype":  # keras-hub serialises the policy
       got = keras.dtype_policies.deserialize(got).name
-    if isinstance(value, keras.layers.Layer):  # nested objects: as Keras serialises them
+    if isinstance(value, (keras.layers.Layer, keras.optimizers.schedules.LearningRateSchedule)):
+      # nested objects: as Keras serialises them
       value = keras.saving.serialize_keras_object(value)
     assert got == pytest.approx(value) if isinstance(value, float) else \
         got == value, (name, key, config.get(key))
