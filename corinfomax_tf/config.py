@@ -114,7 +114,7 @@ class DataConfig:
       "",
       'grpc://host:port of a tf.data service dispatcher: its workers read, decode and'
       ' augment the training images (--dataset=folder or images, at the same paths on'
-      " every worker host); see README, 'Feeding training from a tf.data service'.")
+      " every worker host); see docs/distributed.md, 'Feeding training from a tf.data service'.")
   image_check: str = setting(
       "header",
       'With --dataset=folder, how every file is checked before '
@@ -251,8 +251,8 @@ class TrainConfig:
       'Train a finished (or running) workdir longer: phases of N more epochs each, '
       'N or N@LR. A phase follows a cosine from LR down to --min_lr; without @LR it '
       'stays at --min_lr, where the schedule ends. Rerun with the '
-      'same list to resume; append a phase to train longer again. See README, '
-      "'Training longer'.")
+      'same list to resume; append a phase to train longer again. See '
+      "docs/training.md, 'Training longer'.")
   keep_checkpoints: int = setting(3, 'Checkpoints kept in the workdir.', check='>= 1')
   export_runtimes: bool = setting(
       True, 'With --export: also encoder.onnx and encoder.tflite, each checked by its '

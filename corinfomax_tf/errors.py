@@ -8,7 +8,21 @@ class; anything else is a bug and keeps its traceback.
 
 
 class UserError(Exception):
-  """Base class: one line for the user, exit status `exit_code`."""
+  """Base class of every error a user can fix: one line for the user, exit status
+  `exit_code` (2; subclasses: ConfigError, DataError, WorkdirError, ExportError,
+  TrainingStopped; WorkerLost 75; Preempted 143). The commands print it as
+  `error: <message>`; from Python, catch it.
+
+  Example:
+
+  ```python
+  try:
+    corinfomax_tf.pretrain(backbone, images, workdir="runs/a", image_size=32,
+                           epochs=100, batch_size=256, lr=-1)
+  except corinfomax_tf.UserError as e:
+    print(e)   # --lr=-1: must be > 0
+  ```
+  """
   exit_code = 2
   prefix = "error"
 

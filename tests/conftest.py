@@ -26,6 +26,19 @@ def pytest_collection_modifyitems(items):
     if "trained" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.slow)
 
+
+@pytest.fixture(autouse=True)
+def _quick_tests_start_no_process(request, monkeypatch):
+  """The quick loop (`-m "not slow"`) is subprocess-free: a test not marked slow that
+  starts a process fails, naming the mark it lacks."""
+  if request.node.get_closest_marker("slow") is not None:
+    return
+
+  def refuse(*args, **kwargs):
+    raise AssertionError(f"{request.node.nodeid} starts a process ({args[:1]!r}) and is "
+                         "not marked @pytest.mark.slow")
+  monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -39,14 +39,33 @@ def test_a_spike_stops_the_run_naming_the_step_and_the_median():
     feed(guard, [[10.0, 12.0, 9.0, 10.0, 11.0], [10.0, 9.5, 25.0]])
 
 
+def _stops(factor, window, epochs):
+  """The step at which a LossSpikeGuard stops the run, or None when it lets it run;
+  the guard's window must have seen every step it let through."""
+  guard = callbacks.LossSpikeGuard(factor, window, "w")
+  try:
+    feed(guard, epochs)
+  except errors.TrainingStopped as e:
+    return int(str(e).split(" at step ")[1].split()[0])
+  assert len(guard.recent) == min(window, sum(len(e) for e in epochs))
+  assert guard.recent[-1] == pytest.approx(epochs[-1][-1])
+  return None
+
+
 def test_no_stop_below_the_factor_or_before_the_window_is_full():
-  feed(callbacks.LossSpikeGuard(2.0, 5, "w"), [[10.0, 10.0, 10.0, 10.0, 10.0, 19.9, 10.0]])
-  # A spike in the first `window` steps is not judged (no median yet).
-  feed(callbacks.LossSpikeGuard(2.0, 5, "w"), [[10.0, 50.0, 10.0], [10.0, 10.0, 10.0]])
+  # 19.9 is under 2 x the median 10; 20.1 over it, at the same step.
+  assert _stops(2.0, 5, [[10.0, 10.0, 10.0, 10.0, 10.0, 19.9, 10.0]]) is None
+  assert _stops(2.0, 5, [[10.0, 10.0, 10.0, 10.0, 10.0, 20.1, 10.0]]) == 6
+  # A spike in the first `window` steps is not judged (no median yet); the same
+  # spike after them is.
+  assert _stops(2.0, 5, [[10.0, 50.0, 10.0], [10.0, 10.0, 10.0]]) is None
+  assert _stops(2.0, 5, [[10.0, 10.0, 10.0], [10.0, 10.0, 50.0]]) == 6
 
 
 def test_slow_growth_is_not_a_spike():
-  feed(callbacks.LossSpikeGuard(1.5, 5, "w"), [list(10.0 * 1.05 ** np.arange(40))])
+  growth = list(10.0 * 1.05 ** np.arange(40))
+  assert _stops(1.5, 5, [growth]) is None
+  assert _stops(1.5, 5, [growth + [growth[-1] * 1.6]]) == 41
 
 
 @pytest.mark.parametrize("key, message", [("loss", "loss is nan after step 3"),

@@ -52,10 +52,10 @@ def test_paper_settings():
   assert (tiny.model.depth, tiny.loss.la_mu, tiny.data.image_size) == (50, 0.1, 64)
 
 
-def test_resolved_flagfile_round_trips():
+def test_resolved_flagfile_round_trips(tmp_path):
   cfg = parse(f"--flagfile={ROOT}/configs/cifar100.cfg", "--workdir=/tmp/x", "--nol2_normalize")
   text = flags_lib.resolved_flagfile(FLAGS)
-  path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "resolved_test.cfg")
+  path = str(tmp_path / "resolved_test.cfg")
   with open(path, "w") as fh:
     fh.write(text)
   assert parse(f"--flagfile={path}") == cfg

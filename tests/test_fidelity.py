@@ -52,9 +52,17 @@ def eval_case(ref, key):
   return identity_eval(to_float(image), int(ref[key + "_size"])).numpy(), ref[key]
 
 
+def pairs(ref, first, second):
+  """zip(ref[first], ref[second]), refusing fixtures that are empty or of unequal
+  lengths (a loop over an empty fixture would assert nothing)."""
+  a, b = ref[first], ref[second]
+  assert len(a) > 0 and len(a) == len(b), (first, len(a), second, len(b))
+  return zip(a, b, strict=True)
+
+
 def crop_cases(ref):
   image = to_float(ref["input_img64"])
-  for box, want in zip(ref["crop64_boxes"], ref["crop64_to32"]):
+  for box, want in pairs(ref, "crop64_boxes", "crop64_to32"):
     top, left, h, w = (int(v) for v in box)
     yield f"resized crop {h}x{w} -> 32", augment.resize(
         image[top:top + h, left:left + w], (32, 32)).numpy(), want
@@ -67,13 +75,13 @@ def crop_cases(ref):
 def jitter_cases(ref, op):
   image = to_float(ref["input_img64"])
   fn = getattr(augment, f"adjust_{op}")
-  for factor, want in zip(ref[f"{op}_factors"], ref[op]):
+  for factor, want in pairs(ref, f"{op}_factors", op):
     yield f"{op} {float(factor):g}", fn(image, float(factor)).numpy(), want
 
 
 def blur_cases(ref, key, name):
   image = to_float(ref["input_" + name])
-  for sigma, want in zip(ref["blur_sigmas"], ref[key]):
+  for sigma, want in pairs(ref, "blur_sigmas", key):
     yield (f"blur sigma {float(sigma):g} ({name})",
            augment.gaussian_blur(image, float(sigma)).numpy(), want)
 
@@ -149,10 +157,10 @@ def test_the_photometric_ops_compiled_as_training_runs_them_equal_torchvision(re
   image = to_float(ref["input_img64"])
   for op in JITTER_OPS:
     fn = tf.function(getattr(augment, f"adjust_{op}"), jit_compile=True)
-    for factor, want in zip(ref[f"{op}_factors"], ref[op]):
+    for factor, want in pairs(ref, f"{op}_factors", op):
       assert mean_abs(fn(image, tf.constant(float(factor))).numpy(), want) <= MEAN_BOUND
   blur = tf.function(augment.gaussian_blur, jit_compile=True)
-  for sigma, want in zip(ref["blur_sigmas"], ref["blur"]):
+  for sigma, want in pairs(ref, "blur_sigmas", "blur"):
     assert mean_abs(blur(image, tf.constant(float(sigma))).numpy(), want) <= MEAN_BOUND
 
 

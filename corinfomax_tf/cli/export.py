@@ -5,7 +5,7 @@ r"""Export the encoder of a training workdir as a SavedModel.
 
 Writes runs/c10/export.steps/<step>/ and points the link runs/c10/export at it; the
 export is reloaded and checked against the live encoder before the command returns.
-See export/README.md for the signatures.
+See docs/export.md for the signatures.
 """
 
 from absl import flags

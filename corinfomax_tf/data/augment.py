@@ -28,7 +28,29 @@ _BLUR_RADIUS = 6
 
 @dataclasses.dataclass(frozen=True)
 class ViewConfig:
-  """Probabilities and strengths of one view's augmentation."""
+  """Probabilities and strengths of one view's augmentation (torchvision's
+  definitions, as the authors' transforms use them).
+
+  Args:
+    crop_scale: RandomResizedCrop's (min, max) area share.
+    crop_ratio: RandomResizedCrop's (min, max) aspect ratio.
+    hflip_prob: horizontal flip probability.
+    jitter_prob: probability of the colour jitter (its four ops in random order).
+    brightness, contrast, saturation, hue: the jitter's strengths.
+    grayscale_prob: grayscale probability.
+    blur_prob: Gaussian blur probability.
+    blur_sigma: the blur's (min, max) sigma.
+    solarize_prob: solarisation probability.
+
+  Example:
+
+  ```python
+  view1, view2 = corinfomax_tf.PAPER_VIEWS
+  milder = dataclasses.replace(view1, crop_scale=(0.25, 1.0), hflip_prob=0.0)
+  views = corinfomax_tf.two_views(images, image_size=32, batch_size=256,
+                                  views=(milder, dataclasses.replace(view2, hflip_prob=0.0)))
+  ```
+  """
   crop_scale: tuple = (0.08, 1.0)
   crop_ratio: tuple = (3.0 / 4.0, 4.0 / 3.0)
   hflip_prob: float = 0.5

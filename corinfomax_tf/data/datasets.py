@@ -461,7 +461,7 @@ def check_data_service(address, timeout=5.0):
   if not tcp_reachable(host, port, timeout):
     raise errors.DataError(
         f"--data_service={address}: no tf.data service dispatcher answers there; start "
-        "one with `python -m corinfomax_tf.data_service --role=dispatcher` (README: "
+        "one with `python -m corinfomax_tf.data_service --role=dispatcher` (docs/distributed.md: "
         "Feeding training from a tf.data service)")
 
 

@@ -249,7 +249,25 @@ def write_preset(backbone, metadata, preset_dir):
 
 
 def load_preset(path):
-  """(keras-hub backbone, export metadata) of an export's preset (or a preset dir)."""
+  """The keras-hub backbone of an export's preset, with the export's metadata.
+
+  Args:
+    path: an export directory (its `preset/` is read) or a preset directory written
+      by an export.
+
+  Returns:
+    (backbone, metadata): the `keras_hub.models.Backbone` (normalised images in, its
+    last feature map or tokens out) and the export metadata (image size,
+    normalisation, architecture, step, training config).
+
+  Example:
+
+  ```python
+  backbone, meta = corinfomax_tf.load_preset("runs/digits/export")
+  mean, std = (np.array(meta["normalization"][k]) for k in ("mean", "std"))
+  features = corinfomax_tf.pooled_model(backbone)((images01 - mean) / std)
+  ```
+  """
   import keras_hub
 
   from corinfomax_tf.models import backbone  # noqa: F401  (registers the class)
@@ -381,10 +399,26 @@ class FrozenEncoder:
 
 
 def load_encoder(path, runtime="tensorflow"):
-  """An export directory (or its link), its preset folder, a preset copied elsewhere,
-  or a training workdir -> FrozenEncoder (with `identity`, the digest of its weights).
-  `runtime="onnx"`: the export's encoder.onnx run by ONNX Runtime
-  (`runtimes.OnnxEncoder`, same call)."""
+  """A frozen encoder: float images in [0, 1] in, pooled features out.
+
+  Args:
+    path: an export directory (or its link), its preset folder, a preset of ours
+      copied elsewhere, or a training workdir (its newest intact checkpoint).
+    runtime: "tensorflow" (the SavedModel), or "onnx": the export's encoder.onnx in
+      ONNX Runtime (`runtimes.OnnxEncoder`, same call, NumPy out).
+
+  Returns:
+    A `FrozenEncoder`: callable on [B, H, W, 3] float32 images in [0, 1] (BatchNorm
+    frozen), with `metadata`, `image_size`, `feature_dim` and `identity` (the digest
+    of its weights and its step). Raises `errors.ExportError` naming `--encoder`.
+
+  Example:
+
+  ```python
+  encoder = corinfomax_tf.load_encoder("runs/digits/export")
+  features = encoder(tf.image.resize(images, (encoder.image_size,) * 2) / 255.0)
+  ```
+  """
   kind = encoder_kind(path)
   if kind == "preset" and _export_of_preset(path):
     path, kind = _export_of_preset(path), "export"   # the SavedModel beside it
@@ -463,10 +497,28 @@ def _checked_preset_of_export(path):
 
 def export_workdir(workdir, export_dir, checkpoint="", overwrite=False, *, onnx=True,
                    litert=True, log=print):
-  """Exports the encoder of a training workdir's checkpoint (default: the latest),
-  then proves the export reloads and computes what the live encoder computes.
-  `onnx`, `litert`: also encoder.onnx and encoder.tflite (`write_export`).
-  Returns (export path, step)."""
+  """Exports the encoder of a training workdir's checkpoint, then proves the export
+  reloads and computes what the live encoder computes.
+
+  Args:
+    workdir: a training workdir.
+    export_dir: the export's path: a link switched to `<export_dir>.steps/<step>/`.
+    checkpoint: a checkpoint prefix (default: the newest intact one).
+    overwrite: replace an existing export of the same step.
+    onnx, litert: also write encoder.onnx and encoder.tflite, each checked by its
+      own runtime (`write_export`).
+    log: where progress and warning lines go.
+
+  Returns:
+    (the step directory written, the step).
+
+  Example:
+
+  ```python
+  path, step = corinfomax_tf.export_workdir("runs/digits", "runs/digits/export")
+  tf.saved_model.load(path).signatures["serving_default"](images=uint8_images)
+  ```
+  """
   import numpy as np
 
   from corinfomax_tf.models import pooling

@@ -1,6 +1,6 @@
 """The CorInfoMax loss: pure functions for its terms and a layer that owns the state.
 
-The order of operations follows the authors' code (see docs/reference in the README):
+The order of operations follows the authors' code (see docs/fidelity.md):
 for each view, the new running mean comes first, the batch is centred with that NEW
 mean, the biased covariance of the centred batch is blended into the running
 covariance, and the big-bang term is -logdet(R_new + eps*I) / D. The stored mean and
@@ -195,6 +195,35 @@ class CorInfoMaxLoss(keras.layers.Layer):
   Under a tf.distribute strategy, call it with the projector outputs gathered over
   all replicas: every replica then computes the same new state, and the variables
   use aggregation "only_first_replica" so that the write is one value everywhere.
+
+  Args:
+    dim: D, the width of the projector's output.
+    alpha: weight of the attraction term, mean((z1 - z2)^2).
+    cov_weight: weight of the covariance ("big-bang") term, -logdet(R + eps*I) / D.
+    la_R: forgetting factor of the running covariances R (in [0, 1)).
+    la_mu: forgetting factor of the running means mu (in [0, 1)).
+    eps: the ridge eps*I added before the log-determinant (> 0).
+    R_ini: the covariances start at R_ini * I.
+    covariance: "per_branch" (R1, R2, as the paper) or "shared" (one R of both views).
+    track_cross_covariance: also keep the running cross-covariance R12 (the LDMI
+      monitor reads it; it never enters the loss).
+
+  Call arguments:
+    z1, z2: the two views' projector outputs, [N, D] (float32 or float64).
+    training: update mu and R (True) or only read them.
+
+  Returns:
+    A dict of float64 scalars: "loss" (alpha * attraction + cov_weight * cov),
+    "attraction", "cov", "logdet1", "logdet2".
+
+  Example:
+
+  ```python
+  loss_layer = corinfomax_tf.CorInfoMaxLoss(dim=64, alpha=1000.0)
+  z1, z2 = projector(encoder(view1)), projector(encoder(view2))
+  terms = loss_layer(z1, z2, training=True)
+  terms["loss"]
+  ```
   """
 
   def __init__(self, dim, alpha, cov_weight=1.0, la_R=0.01, la_mu=0.01, eps=1e-8,

@@ -41,6 +41,19 @@ class CorInfoMaxBackbone(FeaturePyramidBackbone):
     image_size: height/width of the input, or None for any size.
     sync_batch_norm: synchronise BatchNorm statistics across replicas.
     dtype: the dtype policy of the layers (keras-hub's convention).
+
+  Returns (when called):
+    The last feature map, [B, H', W', C] (C = 8 * width for ResNet-18/34, 32 * width
+    for ResNet-50); `pyramid_outputs` holds every stage's, named by stride.
+
+  Example:
+
+  ```python
+  backbone = corinfomax_tf.CorInfoMaxBackbone(depth=18, stem="cifar", width=64)
+  model = corinfomax_tf.CorInfoMax(backbone, projector="2048-2048-64")
+  # Or keras-hub's tasks on it:
+  classifier = keras_hub.models.ImageClassifier(backbone=backbone, num_classes=10)
+  ```
   """
 
   def __init__(self, depth=18, stem="cifar", width=64, image_size=None,

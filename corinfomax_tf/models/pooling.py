@@ -87,7 +87,26 @@ def feature_dim(backbone):
 
 
 def pooled_model(backbone, name=None):
-  """A model sharing the backbone's layers that returns [B, F] pooled features."""
+  """A model sharing the backbone's layers that returns [B, F] pooled features.
+
+  A feature map is average-pooled, a token sequence gives its class token (or the
+  token mean where there is none), a vector is taken as it is.
+
+  Args:
+    backbone: a keras.Model (functional) whose output is a feature map, a token
+      sequence or a vector.
+    name: the model's name (default: the backbone's).
+
+  Returns:
+    A keras.Model on the backbone's input, with `feature_dim` (F) set.
+
+  Example:
+
+  ```python
+  encoder = corinfomax_tf.pooled_model(keras_hub.models.Backbone.from_preset(path))
+  features = encoder(normalised_images)   # [B, F]
+  ```
+  """
   layer = pooling_layer(backbone)
   output = backbone.output if layer is None else layer(backbone.output)
   model = keras.Model(backbone.input, output, name=name or backbone.name)

@@ -56,6 +56,16 @@ class Projector(keras.Model):
     batch_norm: BatchNorm after each hidden Dense.
     l2_normalize: L2-normalise the output rows.
     sync_batch_norm: synchronise BatchNorm statistics across replicas.
+
+  Returns (when called):
+    [B, D] projections (D the last width of `spec`), L2-normalised by default.
+
+  Example:
+
+  ```python
+  projector = corinfomax_tf.Projector(input_dim=512, spec="2048-2048-64")
+  z = projector(features)   # [B, 64]
+  ```
   """
 
   def __init__(self, input_dim, spec="2048-2048-64", batch_norm=False,

@@ -65,7 +65,7 @@ def check_resume(saved, current, workdir):
       refuse(name, value, saved[name],
              "its learning-rate schedule was made for that length. Use a new --workdir, "
              "or the same value" + (f" and --extend_epochs={more} to train {more} more "
-                                    "epochs on (README, 'Training longer')"
+                                    "epochs on (docs/training.md, 'Training longer')"
                                     if more > 0 else ""))
     refuse(name, value, saved[name], same)
 
