@@ -78,7 +78,7 @@ def test_what_an_encoder_path_is_and_a_foreign_preset_is_one_line(tmp_path):
   (workdir / "config.json").write_text(json.dumps({"model": {}, "data": {}}))
   assert saved_model.encoder_kind(str(workdir)) == "workdir"
   (tmp_path / "other").mkdir()
-  with pytest.raises(errors.ExportError, match="neither a corinfomax_tf export, its preset"):
+  with pytest.raises(errors.ExportError, match="not a corinfomax_tf encoder export .*, nor its preset, nor a training workdir"):
     saved_model.encoder_kind(str(tmp_path / "other"))
 
 

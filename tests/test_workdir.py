@@ -134,7 +134,7 @@ def test_the_command_refuses_a_locked_workdir_then_survives_a_stale_lock_and_a_d
   assert helpers.checkpoint_numbers(path) == [3, 6]
   holder = _hold(path)
   try:
-    result = helpers.run_command("corinfomax_tf.train", *args, "--epochs=3")
+    result = helpers.run_command("corinfomax_tf.train", *args, "--extend_epochs=1")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: --workdir={path}: in use by another live process (host ")
@@ -143,7 +143,7 @@ def test_the_command_refuses_a_locked_workdir_then_survives_a_stale_lock_and_a_d
     holder.send_signal(signal.SIGKILL)
     holder.wait()
   _damage(path, 6, "truncate")
-  result = helpers.run_command("corinfomax_tf.train", *args, "--epochs=3")
+  result = helpers.run_command("corinfomax_tf.train", *args, "--extend_epochs=1")
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"Taking over the lock of {path}: its holder" in result.stdout
   assert (f"warning: checkpoint {path}/checkpoints/ckpt-6 cannot be read (Read less bytes "
@@ -193,7 +193,7 @@ def test_a_workdir_written_before_the_lifecycle_layer_resumes_and_exports(tmp_pa
   assert result.returncode == 0, result.stderr[-2000:]
   assert "Exported step 6" in result.stdout and "reload check passed" in result.stdout
   result = helpers.run_command("corinfomax_tf.train", f"--flagfile={path}/flags.cfg",
-                               f"--workdir={path}", "--epochs=3")
+                               f"--workdir={path}", "--extend_epochs=1")
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"Resumed from {path}/checkpoints/ckpt-6" in result.stdout
   assert "Epoch 3/3" in result.stdout and "Epoch 2/3" not in result.stdout

@@ -343,8 +343,8 @@ def encoder_kind(path):
     return "workdir"
   if isinstance(config, dict) and "class_name" in config:
     return "preset"
-  raise errors.ExportError(f"--encoder={path}: neither a corinfomax_tf export, its "
-                           "preset, nor a training workdir")
+  raise errors.ExportError(f"--encoder={path}: not a corinfomax_tf encoder export (no "
+                           f"{METADATA_FILE}), nor its preset, nor a training workdir")
 
 
 def _preset_metadata(path):
