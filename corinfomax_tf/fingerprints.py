@@ -26,6 +26,15 @@ def weights_digest(variables):
   return digest.hexdigest()[:16]
 
 
+def file_digest(path):
+  """sha256 (hex, 16 characters) of one file's bytes (an exported encoder.onnx)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as fh:
+    for block in iter(lambda: fh.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()[:16]
+
+
 def files_digest(scans, stat=True):
   """sha256 (hex, 16 characters) of the scanned files: each file's path relative to
   its scan's root and its label, with `stat` also its size and modification time."""

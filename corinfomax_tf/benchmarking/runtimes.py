@@ -1,6 +1,6 @@
 """Encoder throughput of ONNX Runtime against the SavedModel, on this CPU.
 
-    rows = time_runtimes(cases=(("resnet18", 32), ("resnet50", 224)), batch_size=64)
+    rows = time_runtimes(cases=((18, 32), (50, 224)), batch_size=64)   # (depth, px)
 
 Each case exports a randomly initialised encoder (our ResNet, CIFAR stem at 32 px,
 ImageNet stem at 224 px) as a SavedModel and as encoder.onnx in a temporary folder,
@@ -16,14 +16,10 @@ import time
 import numpy as np
 
 
-def _timed(fn, images, rounds):
-  fn(images)   # warm-up (tracing, allocation)
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    fn(images)
-    times.append(time.perf_counter() - start)
-  return times
+def _seconds(fn, images):
+  start = time.perf_counter()
+  fn(images)
+  return time.perf_counter() - start
 
 
 def time_case(depth, size, batch_size=64, rounds=5):
@@ -47,17 +43,16 @@ def time_case(depth, size, batch_size=64, rounds=5):
 
     def tensorflow_fn(x):
       return serve(images=tf.constant(x))["features"].numpy()
-    import onnxruntime
-    session = onnxruntime.InferenceSession(f"{tmp}/{files['onnx']}",
-                                           providers=["CPUExecutionProvider"])
+    session = runtimes.onnx_session(f"{tmp}/{files['onnx']}")
 
     def onnx_fn(x):
       return session.run(None, {"images": x})[0]
+    # Also the warm-up (tracing, allocation) of both.
     difference = runtimes.relative_difference(onnx_fn(images), tensorflow_fn(images))
     tf_times, onnx_times = [], []
     for _ in range(rounds):   # alternated: a noisy neighbour slows both alike
-      tf_times += _timed(tensorflow_fn, images, 1)
-      onnx_times += _timed(onnx_fn, images, 1)
+      tf_times.append(_seconds(tensorflow_fn, images))
+      onnx_times.append(_seconds(onnx_fn, images))
   tf_rate = batch_size / statistics.median(tf_times)
   onnx_rate = batch_size / statistics.median(onnx_times)
   return {"encoder": f"resnet{depth}", "image_size": size, "batch_size": batch_size,

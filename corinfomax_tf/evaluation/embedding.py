@@ -80,26 +80,22 @@ def embed(encoder, dataset, thumbnail=0):
   (n, t, t, 3) uint8 or None).
   """
   import tensorflow as tf
+
+  from corinfomax_tf.evaluation import probes
   spec = dataset.element_spec[0]
+  features = probes.batch_features(encoder, spec)
 
   @tf.function(input_signature=[tf.TensorSpec((None,) + tuple(spec.shape[1:]),
                                               spec.dtype)])
-  def features_and_thumbnails(images):
+  def thumbnails(images):
     thumbs = (tf.image.resize(images, (thumbnail, thumbnail), antialias=True)
               if thumbnail else images[:, :1, :1])
-    thumbs = tf.cast(tf.clip_by_value(tf.round(thumbs * 255.0), 0, 255), tf.uint8)
-    return encoder(images, training=False), thumbs
+    return tf.cast(tf.clip_by_value(tf.round(thumbs * 255.0), 0, 255), tf.uint8)
 
-  outside = getattr(encoder, "outside_tensorflow", False)   # ONNX Runtime
-  if outside:
-    model, encoder = encoder, lambda images, training: images[:, :1, :1, :1]
   feats, labels, paths, thumbs = [], [], [], []
   for images, y, p in dataset:
-    f, t = features_and_thumbnails(images)
-    if outside:
-      f = model(images.numpy())
-    feats.append(np.asarray(f))
-    thumbs.append(t.numpy())
+    feats.append(features(images))
+    thumbs.append(thumbnails(images).numpy())
     labels.append(y.numpy())
     paths.extend(s.decode("utf-8", "replace") for s in p.numpy())
   if not feats:

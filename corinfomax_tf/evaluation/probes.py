@@ -10,25 +10,26 @@ import numpy as np
 import tensorflow as tf
 
 
+def batch_features(encoder, spec):
+  """images (a batch of `spec`) -> NumPy pooled features: `encoder` (a Keras encoder or
+  an export's `FrozenEncoder`) traced once for every batch size (the last batch is
+  smaller), or called eagerly where it runs outside TensorFlow (ONNX Runtime)."""
+  if getattr(encoder, "outside_tensorflow", False):
+    return lambda images: np.asarray(encoder(images.numpy()))
+
+  @tf.function(input_signature=[tf.TensorSpec((None,) + tuple(spec.shape[1:]), spec.dtype)])
+  def features(images):
+    return encoder(images, training=False)
+  return lambda images: features(images).numpy()
+
+
 def extract_features(encoder, dataset):
   """Pooled features of every batch of a finite (images, labels) dataset (`encoder`:
   a Keras encoder or an export's `FrozenEncoder`)."""
-
-  # One trace for every batch size (the last batch is smaller).
-  spec = dataset.element_spec[0]
-  signature = [tf.TensorSpec((None,) + tuple(spec.shape[1:]), spec.dtype)]
-
-  @tf.function(input_signature=signature)
-  def features(images):
-    return encoder(images, training=False)
-
-  if getattr(encoder, "outside_tensorflow", False):   # ONNX Runtime: called eagerly
-    def features(images):  # noqa: F811
-      return tf.constant(encoder(images.numpy()))
-
+  features = batch_features(encoder, dataset.element_spec[0])
   feats, labels = [], []
   for images, y in dataset:
-    feats.append(features(images).numpy())
+    feats.append(features(images))
     labels.append(y.numpy())
   return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int64)
 

@@ -131,13 +131,18 @@ def write_runtime_files(backbone, metadata, directory, *, onnx=True, litert=True
   return out
 
 
-def run_onnx(path, images, threads=0):
-  """Features of uint8 `images` [B, H, W, 3] by ONNX Runtime (CPU)."""
+def onnx_session(path, threads=0):
+  """An ONNX Runtime session on the CPU (`threads`: intra-op threads, 0: every core)."""
   import onnxruntime
   options = onnxruntime.SessionOptions()
   if threads:
     options.intra_op_num_threads = threads
-  session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+  return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path, images, threads=0):
+  """Features of uint8 `images` [B, H, W, 3] by ONNX Runtime (CPU)."""
+  session = onnx_session(path, threads)
   name = session.get_inputs()[0].name
   return session.run(None, {name: np.asarray(images, np.uint8)})[0]
 
@@ -220,22 +225,19 @@ class OnnxEncoder:
   outside_tensorflow = True
 
   def __init__(self, export_dir, metadata, threads=0):
-    import onnxruntime
     from corinfomax_tf import errors
+    from corinfomax_tf import fingerprints
     path = os.path.join(export_dir, ONNX_FILE)
     if not os.path.isfile(path):
       why = metadata.get("runtimes", {}).get("onnx", {}).get("error", "exported without it")
       raise errors.ExportError(f"--runtime=onnx: the export {export_dir} holds no "
                                f"{ONNX_FILE} ({why}); re-export it, or use "
                                "--runtime=tensorflow")
-    options = onnxruntime.SessionOptions()
-    if threads:
-      options.intra_op_num_threads = threads
-    self.session = onnxruntime.InferenceSession(path, options,
-                                                providers=["CPUExecutionProvider"])
+    self.session = onnx_session(path, threads)
     self.input_name = self.session.get_inputs()[0].name
     self.metadata = metadata
-    self.identity = {"weights": "onnx:" + _file_digest(path), "step": metadata.get("step")}
+    self.identity = {"weights": "onnx:" + fingerprints.file_digest(path),
+                     "step": metadata.get("step")}
     self.trainable_variables = []
 
   @property
@@ -246,11 +248,3 @@ class OnnxEncoder:
     pixels = np.clip(np.round(np.asarray(images01, np.float32) * 255.0), 0, 255)
     return self.session.run(None, {self.input_name: pixels.astype(np.uint8)})[0]
 
-
-def _file_digest(path):
-  import hashlib
-  digest = hashlib.sha256()
-  with open(path, "rb") as fh:
-    for block in iter(lambda: fh.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()[:16]

@@ -368,6 +368,14 @@ def _export_of_preset(path):
   return parent if is_our_export(parent) else None
 
 
+def _resolved(path):
+  """(path, kind) of --encoder: an export's preset folder stands for its export."""
+  kind = encoder_kind(path)
+  if kind == "preset" and _export_of_preset(path):
+    return _export_of_preset(path), "export"   # the SavedModel beside it
+  return path, kind
+
+
 class FrozenEncoder:
   """A callable on float images in [0, 1] -> pooled features, from an export or a
   training workdir, with the export's metadata."""
@@ -419,9 +427,7 @@ def load_encoder(path, runtime="tensorflow"):
   features = encoder(tf.image.resize(images, (encoder.image_size,) * 2) / 255.0)
   ```
   """
-  kind = encoder_kind(path)
-  if kind == "preset" and _export_of_preset(path):
-    path, kind = _export_of_preset(path), "export"   # the SavedModel beside it
+  path, kind = _resolved(path)
   if runtime == "onnx":
     if kind != "export":
       raise errors.ExportError(f"--runtime=onnx: --encoder={path} is not an export (a "
@@ -462,9 +468,7 @@ def load_trainable_encoder(path):
   batch), so an export whose two halves disagree can never go unnoticed. The backbone
   takes normalised images (metadata["normalization"]) and returns its last feature map.
   """
-  kind = encoder_kind(path)
-  if kind == "preset" and _export_of_preset(path):
-    path, kind = _export_of_preset(path), "export"
+  path, kind = _resolved(path)
   if kind == "workdir":
     backbone, config, step, _ = restore_encoder(path)
     metadata = metadata_for(backbone, config, step)

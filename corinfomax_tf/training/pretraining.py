@@ -58,7 +58,7 @@ def check_resume(saved, current, workdir):
   for name, value in current.items():
     if name == "extend_epochs" or name not in saved:
       continue
-    if json.loads(json.dumps(saved[name])) == json.loads(json.dumps(value)):
+    if saved[name] == value:   # both JSON values: config.json and _normalise'd settings
       continue
     if name == "epochs":
       more = value - saved[name]
@@ -251,10 +251,9 @@ class PretrainingJob:
              ", files added, removed or renamed")
           + "): the data order would change; use a new --workdir, or restore the images")
     self.spe = steps_per_epoch(cfg, self.source.num_train)
-    self.phases = [(epochs * self.spe, lr)
-                   for epochs, lr in config_lib.extension_phases(t.extend_epochs)]
-    self.total_epochs = t.epochs + sum(
-        e for e, _ in config_lib.extension_phases(t.extend_epochs))
+    extension = config_lib.extension_phases(t.extend_epochs)
+    self.phases = [(epochs * self.spe, lr) for epochs, lr in extension]
+    self.total_epochs = t.epochs + sum(epochs for epochs, _ in extension)
     self.total_steps = self.spe * self.total_epochs
     if self.chief:
       self.workdir.write_json("config.json", {**cfg.to_dict(), RESUME_KEY: resume,
