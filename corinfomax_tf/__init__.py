@@ -39,7 +39,8 @@ from corinfomax_tf.data.datasets import PAPER_VIEWS, two_views  # noqa: E402
 from corinfomax_tf.training.pretraining import pretrain  # noqa: E402
 from corinfomax_tf.export.saved_model import load_encoder, load_preset  # noqa: E402
 from corinfomax_tf.export.saved_model import export_workdir  # noqa: E402
+from corinfomax_tf.tuning.sweep import sweep  # noqa: E402
 
 __all__ = ["CorInfoMax", "CorInfoMaxLoss", "CorInfoMaxBackbone", "Projector",
            "ViewConfig", "PAPER_VIEWS", "two_views", "pretrain", "pooled_model",
-           "export_workdir", "load_encoder", "load_preset", "UserError"]
+           "export_workdir", "load_encoder", "load_preset", "sweep", "UserError"]

@@ -674,6 +674,11 @@ class KnnEvalConfig:
       "tensorflow", 'Runs the encoder with: tensorflow (the SavedModel), or onnx (the '
       "export's encoder.onnx in ONNX Runtime, TensorFlow out of the encoder's loop).",
       choices=("tensorflow", "onnx"))
+  validation_fraction: float = setting(
+      0.0, "Measure on a seeded held-out share of the train split (the bank: the rest of"
+      " it) instead of the test split: a sweep's validation split, as its sweep.json "
+      "records it (0: the test split).", check="in [0, 1)")
+  validation_seed: int = setting(0, "Seed of the held-out share (--validation_fraction).")
 
 
 def knn_eval_from_flags(f):
@@ -875,3 +880,59 @@ def resume_settings(values, keys):
     if name in holder:
       flat[name] = holder[name]
   return flat
+
+
+SWEEP_SCORES = ("auto", "knn", "effective_rank")
+SWEEP_PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """A hyperparameter sweep: the search space, the study and its storage, the score.
+  `train` holds every pretraining flag's value that the trials share (the searched
+  ones are overridden per trial); `workdir` is the sweep directory."""
+  workdir: str
+  search: tuple
+  train: dict
+  n_trials: int = setting(
+      20, 'Trials in the whole study (every host together; finished, pruned and '
+      'running trials count, failed ones do not).', check='>= 1')
+  study: str = setting(
+      "", 'Study name in --storage; hosts running the same command with the same '
+      '--study share its trials (empty: the sweep directory\'s name).')
+  storage: str = setting(
+      "", 'Where the study lives: empty (an SQLite file <workdir>/study.db; nothing to '
+      'start), an SQLAlchemy URL many hosts share (postgresql://user@host/db, '
+      "mysql://...), or journal:PATH (Optuna's journal file on a shared file system).")
+  score: str = setting(
+      "auto", 'What a trial is scored on: knn (kNN top-1 on the held-out validation '
+      'split; needs labels), effective_rank (of the covariance R, needs no labels), or '
+      'auto (knn where there are labels).', choices=SWEEP_SCORES)
+  validation_fraction: float = setting(
+      0.2, 'Share of the labelled training images held out (seeded) as the '
+      'validation split trials are scored on; the test split is measured once, for '
+      'the best trial.', check='in [0, 1)')
+  validation_seed: int = setting(0, 'Seed of the validation split.')
+  pruner: str = setting(
+      "median", "Stops unpromising trials early from their per-epoch scores: median "
+      "(Optuna's MedianPruner), hyperband, or none.", choices=SWEEP_PRUNERS)
+  prune_after_epochs: int = setting(
+      1, 'Epochs a trial runs before the pruner may stop it.', check='>= 0')
+  pruner_startup_trials: int = setting(
+      3, 'Finished trials before the median pruner prunes anything.', check='>= 0')
+  startup_trials: int = setting(
+      10, "Random trials before TPE models the scores (Optuna's n_startup_trials).",
+      check='>= 1')
+  sweep_seed: int = setting(
+      0, "Seed of the sampler: trial n's suggestions are a function of this seed, n "
+      'and the trials before it.')
+  prune_collapsed: bool = setting(
+      True, "Prune a trial as soon as the health monitor reports a collapse "
+      "(its reason recorded); --noprune_collapsed lets it run on.")
+  try_given: bool = setting(
+      True, "The study's first trial runs the searched parameters' own values (the "
+      "flags' values, where they lie in the space): the table compares the given "
+      "settings with the sweep's best on the same validation split.")
+  test_best: bool = setting(
+      True, "When the study is complete, measure the best trial's kNN top-1 on the "
+      "test split once (reported apart from the validation scores).")

@@ -118,11 +118,19 @@ def define_encoder_flag(help_text):
 
 def resolved_flagfile(flag_values):
   """The values of every flag above, as flagfile text (one --name=value a line)."""
+  return flagfile_text({name: flag_values[name].value for name in _DEFINED})
+
+
+def train_values(flag_values):
+  """{flag name: value} of every pretraining flag (after `define_flags`)."""
+  return {name: flag_values[name].value for name in _DEFINED}
+
+
+def flagfile_text(values):
+  """`values` (flag name -> value) as flagfile text (one --name=value a line)."""
   lines = ["# Resolved flags of this run; rerun with --flagfile=<this file>."]
-  for name in _DEFINED:
-    flag = flag_values[name]
-    value = flag.value
-    if isinstance(value, list):
+  for name, value in values.items():
+    if isinstance(value, (list, tuple)):
       value = ",".join(str(v) for v in value)
     if isinstance(value, bool):
       lines.append(f"--{name}" if value else f"--no{name}")
@@ -174,6 +182,8 @@ def flagfile_contradiction(argv):
       continue
     first = {}
     for name, value, where in _flag_assignments(arg.split("=", 1)[1]):
+      if name in flags.FLAGS and isinstance(flags.FLAGS[name], flags.MultiFlag):
+        continue   # repeated on purpose (--search)
       if name in first and first[name][0] != value:
         return (f"--flagfile={arg.split('=', 1)[1]}: --{name} is set to "
                 f"{first[name][0]!r} at {first[name][1]} and to {value!r} at {where}; "

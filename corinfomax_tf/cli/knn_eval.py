@@ -35,12 +35,17 @@ def main(flag_values):
                                                                   runner.log))
   source = datasets.load_eval_source(cfg.data, encoder.image_size, cfg.num_classes,
                                      log=runner.log)
+  if cfg.validation_fraction:
+    source, _ = datasets.holdout(source, cfg.validation_fraction, cfg.validation_seed)
   with workdir_lib.Workdir(cfg.workdir, flag="--output_dir", command="corinfomax_tf.knn_eval",
                            log=runner.log) as workdir:
     result = knn.run_knn_eval(encoder, source, image_size=cfg.data.image_size, ks=cfg.k,
                               temperature=cfg.temperature)
     result.update(saved_model.provenance(cfg.encoder, encoder.metadata, cfg.data.dataset,
                                          encoder.identity), runtime=cfg.runtime)
+    if cfg.validation_fraction:
+      result.update(validation_fraction=cfg.validation_fraction,
+                    validation_seed=cfg.validation_seed)
     workdir.write_json(knn.RESULT_FILE, result)
   runner.log(json.dumps(result, sort_keys=True))
 

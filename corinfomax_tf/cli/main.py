@@ -20,6 +20,7 @@ COMMANDS = {
     "finetune": ("finetune", "semi-supervised fine-tuning on a labelled subset"),
     "detect": ("detect", "object detection (RetinaNet) on the encoder's feature pyramid"),
     "embed": ("embed", "embeddings, a TensorBoard projector and nearest neighbours"),
+    "sweep": ("sweep", "a hyperparameter sweep (Optuna) scored on held-out data"),
     "benchmark": ("benchmark", "training-step and input-pipeline throughput"),
     "data-service": ("data_service", "a tf.data service dispatcher or worker"),
 }

@@ -293,6 +293,47 @@ def load_source(dataset, *, image_size, data_dir=None, tfds_data_dir=None,
   return tfds_source(dataset, tfds_data_dir, train_split, test_split, tfds_download)
 
 
+def holdout_indices(num_images, fraction, seed):
+  """Sorted indices of a seeded random `fraction` of `num_images` images: the
+  held-out validation split (at least one image held out and one kept)."""
+  count = int(round(num_images * fraction))
+  if not 0 < count < num_images:
+    raise errors.ConfigError(
+        f"--validation_fraction={fraction}: holds out {count} of the {num_images} "
+        "training images; at least one must be held out and one kept")
+  return np.sort(np.random.default_rng(seed).permutation(num_images)[:count])
+
+
+def _pick(ds, mask, keep):
+  """The elements of `ds` whose position is (keep=True) or is not held out in `mask`."""
+  table = tf.constant(mask)
+  return ds.enumerate().filter(
+      lambda i, *element: tf.equal(tf.gather(table, i), keep)).map(
+          lambda i, *element: element[0] if len(element) == 1 else element)
+
+
+def holdout(source, fraction, seed):
+  """`source` with a seeded random `fraction` of its train split held out.
+
+  Returns (Source whose train split is the rest and whose test split is the held-out
+  images, the held-out indices into the original train split). Positions are taken
+  before decoding, so a file that fails to decode cannot shift them.
+  """
+  held = holdout_indices(source.num_train, fraction, seed)
+  mask = np.zeros(source.num_train, bool)
+  mask[held] = True
+  encoded = source.train_encoded
+  if encoded is not None and source.encoded_are_paths:
+    rest = decode_skipping_errors(_pick(encoded, mask, False))
+    validation = decode_skipping_errors(_pick(encoded, mask, True))
+  else:
+    rest, validation = _pick(source.train, mask, False), _pick(source.train, mask, True)
+  return dataclasses.replace(
+      source, name=f"{source.name}[train minus validation]", train=rest,
+      test=validation, num_train=source.num_train - len(held), num_test=len(held),
+      train_encoded=None if encoded is None else _pick(encoded, mask, False)), held
+
+
 # ----------------------------------------------------------------------------
 # Pipelines.
 # ----------------------------------------------------------------------------

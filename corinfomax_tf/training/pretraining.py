@@ -171,15 +171,21 @@ class PretrainingJob:
   (called inside the strategy's scope, as a multi-device run needs), used instead of
   the backbone the config names. `source` (optional): a `datasets.Source` used
   instead of the data set the config names (`datasets.source_from_dataset` makes one
-  of any tf.data.Dataset of images).
+  of any tf.data.Dataset of images). `eval_source` (optional): the labelled source
+  of the probe and the kNN monitor (bank: its train split, queries: its test split)
+  instead of the one the config names. `callbacks` (optional): Keras callbacks run
+  after the job's own (a sweep's trial reporter reads the monitors there).
   """
 
-  def __init__(self, cfg, flagfile_text=None, log=print, *, backbone=None, source=None):
+  def __init__(self, cfg, flagfile_text=None, log=print, *, backbone=None, source=None,
+               eval_source=None, callbacks=()):
     self.cfg = cfg
     self.flagfile_text = flagfile_text
     self.log = log
     self.given_backbone = backbone
     self.given_source = source
+    self.given_eval_source = eval_source
+    self.extra_callbacks = list(callbacks)
 
   def run(self):
     """The whole job; returns the summary dict (also written to summary.json)."""
@@ -235,7 +241,9 @@ class PretrainingJob:
                f"at {d.data_service}")
     self.source = self.given_source or data_lib.load_source(d.dataset, **d.source_kwargs())
     self.eval_source, self.no_eval_reason = None, None
-    if self.chief:
+    if self.chief and self.given_eval_source is not None:
+      self.eval_source = self.given_eval_source
+    elif self.chief:
       self.eval_source, self.no_eval_reason = load_eval_source(cfg, self.source, self.log)
     sources = [s for s in (self.source, self.eval_source) if s is not None]
     if any(s.scans for s in sources):
@@ -518,7 +526,7 @@ class PretrainingJob:
     if verbose and self.chief:
       cbs.append(callbacks_lib.ProgressBar(self.total_epochs, self.spe, t.batch_size,
                                            interactive=verbose == 1))
-    return cbs, preemption
+    return cbs + self.extra_callbacks, preemption
 
   def _eval_split(self, split):
     from corinfomax_tf.data import datasets as data_lib
