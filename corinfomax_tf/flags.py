@@ -122,8 +122,9 @@ def resolved_flagfile(flag_values):
 
 
 def train_values(flag_values):
-  """{flag name: value} of every pretraining flag (after `define_flags`)."""
-  return {name: flag_values[name].value for name in _DEFINED}
+  """{flag name: value} of every pretraining flag (after `define_flags`), and of no
+  other flag the command defines."""
+  return {name: flag_values[name].value for name in defaults()}
 
 
 def flagfile_text(values):

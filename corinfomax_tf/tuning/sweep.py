@@ -35,8 +35,6 @@ ASK_LOCK = ".ask.lock"
 CLAIM_LOCK = ".sweep.lock"
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
            optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-# Train flags whose per-trial value the sweep sets.
-TRIAL_OWNED = ("workdir", "export_dir")
 
 
 class Pruned(Exception):
@@ -198,7 +196,7 @@ class Sweep:
           indices=[int(i) for i in held])
     self.settings = json.loads(json.dumps(dict(
         search=[p.spec() for p in cfg.search],
-        fixed={k: v for k, v in sorted(t.items()) if k not in TRIAL_OWNED},
+        fixed=self._fixed_settings(base),
         score=self.score_kind, score_key=self.score_key,
         validation=None if self.validation is None else
         {k: self.validation[k] for k in ("fraction", "seed", "count")})))
@@ -219,6 +217,20 @@ class Sweep:
       self.log(f"Validation split: {self.validation['count']} images held out of "
                f"{self.validation['carved_from']} (fraction {cfg.validation_fraction}, "
                f"seed {cfg.validation_seed}); the test split is not used for choosing")
+
+  def _fixed_settings(self, base):
+    """What the trials share that changes their scores (by flag name): the train
+    command's resume settings, the backbone and the kNN score's settings; the
+    searched parameters are not among them."""
+    from corinfomax_tf import config as config_lib
+    t = self.cfg.train
+    fixed = config_lib.pretraining_resume_settings(base)
+    fixed.update(backbone=t["backbone"], backbone_config=t["backbone_config"],
+                 eval_dataset=t["eval_dataset"], knn_k=list(t["knn_k"]),
+                 knn_temperature=t["knn_temperature"])
+    searched = {p.name for p in self.cfg.search}
+    searched |= {space_lib.DERIVED[n] for n in searched if n in space_lib.DERIVED}
+    return {k: v for k, v in sorted(fixed.items()) if k not in searched}
 
   def _enqueue_given(self):
     """Queues the searched parameters' given values as the study's first trial."""
