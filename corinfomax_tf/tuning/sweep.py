@@ -95,14 +95,32 @@ def effective_rank_of(model):
 
 class TrialReporter:
   """A Keras callback (made by `callback()`) that reports each epoch's score to the
-  Optuna trial and stops training when the pruner or a collapse says so."""
+  Optuna trial and stops training when the pruner or a collapse says so.
 
-  def __init__(self, trial, job, score, prune_collapsed, log):
+  A total collapse (every sample on one point) stops the trial at once; a
+  dimensional collapse only once the pruner's warm-up (`after_epochs`) is over and
+  while the newest measurement still shows it (early training often passes
+  through a low rank and recovers).
+  """
+
+  def __init__(self, trial, job, score, prune_collapsed, after_epochs, log):
     self.trial = trial
     self.job = job
     self.score = score      # ("knn", key) or ("effective_rank", key)
     self.prune_collapsed = prune_collapsed
+    self.after_epochs = after_epochs
     self.log = log
+
+  def check_collapse(self, model, epoch):
+    monitor = self.job.monitor
+    if not (self.prune_collapsed and monitor is not None and monitor.warnings):
+      return
+    step_now = int(model.step_counter.numpy())
+    newest = step_now - step_now % monitor.every   # the newest measurement's step
+    for step, message in monitor.warnings:
+      if "total collapse" in message or (
+          step == newest and epoch + 1 > self.after_epochs and "collapse" in message):
+        raise Pruned(f"collapsed at step {step}: {message}")
 
   def callback(self):
     import keras
@@ -114,10 +132,7 @@ class TrialReporter:
     return _Callback()
 
   def epoch_end(self, model, epoch):
-    if self.prune_collapsed and self.job.monitor is not None:
-      for step, message in self.job.monitor.warnings:
-        if "collapse" in message:
-          raise Pruned(f"collapsed at step {step}: {message}")
+    self.check_collapse(model, epoch)
     kind, key = self.score
     if kind == "knn":
       knn = self.job.knn
@@ -333,7 +348,8 @@ class Sweep:
     keras.backend.clear_session()
     gc.collect()
     reporter = TrialReporter(trial, None, (self.score_kind, self.score_key),
-                             self.cfg.prune_collapsed, self.log)
+                             self.cfg.prune_collapsed, self.cfg.prune_after_epochs,
+                             self.log)
 
     def log(line):
       self.log(f"[trial {n}] {line}")
