@@ -25,7 +25,7 @@ import os
 # A value the user set is kept.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-__version__ = "0.9.0"
+__version__ = "0.10.0"
 
 # isort: off
 from corinfomax_tf.errors import UserError  # noqa: E402

@@ -19,7 +19,7 @@ ROOT = helpers.ROOT
 PAGES = sorted([os.path.join(ROOT, "README.md"), os.path.join(ROOT, "CHANGELOG.md")] +
                glob.glob(os.path.join(ROOT, "docs", "*.md")))
 DOCS = [os.path.join(ROOT, "docs", name) for name in (
-    "index.md", "data.md", "training.md", "backbones-and-api.md", "distributed.md",
+    "index.md", "data.md", "training.md", "sweep.md", "backbones-and-api.md", "distributed.md",
     "evaluation.md", "finetuning-and-detection.md", "export.md", "fidelity.md",
     "performance.md", "benchmarks.md", "troubleshooting.md", "development.md")]
 
@@ -168,7 +168,7 @@ def test_every_command_named_in_the_docs_exists_and_its_flags_parse():
     for command, flags in documented_commands(_read(page)):
       by_module.setdefault(_cli_module(command), []).append(flags)
   assert {"train", "export", "linear_eval", "knn_eval", "finetune", "detect", "embed",
-          "benchmark", "data_service"} <= set(by_module), sorted(by_module)
+          "benchmark", "data_service", "sweep"} <= set(by_module), sorted(by_module)
   assert sum(len(v) for v in by_module.values()) >= 40
   failures = []
   for module, argvs in sorted(by_module.items()):

@@ -350,3 +350,28 @@ def test_bad_sweep_input_is_one_line_before_any_trial(tmp_path):
       ([], "--search: no parameter to search"),
   ], env=helpers.ENV, cwd=helpers.ROOT)
   assert not os.path.exists(os.path.join(workdir, "trials"))
+
+
+@pytest.mark.slow
+def test_the_python_api_sweeps_unlabeled_images_on_the_effective_rank(tmp_path):
+  import tensorflow as tf
+
+  import corinfomax_tf
+  pixels = datasets.digits_arrays(8)[0][0][:400]
+  lines = []
+  result = corinfomax_tf.sweep(
+      ["alpha:log:10:200"], workdir=str(tmp_path / "s"), n_trials=2,
+      images=tf.data.Dataset.from_tensor_slices(pixels), log=lines.append,
+      image_size=8, normalization="digits", width=4, projector="32-16", epochs=2,
+      batch_size=16, steps_per_epoch=3, lr=0.05, warmup_epochs=1, probe_epochs=0,
+      export=False, preview_images=0, verbose="0", deterministic=True)
+  assert result["score"]["kind"] == "effective_rank" and result["validation"] is None
+  assert any("needs no labels" in line for line in lines) and "test" not in result
+  scores = [t["score"] for t in result["trials"]]
+  assert [t["state"] for t in result["trials"]] == ["complete", "complete"]
+  assert all(1.0 < s <= 16.0 for s in scores), scores   # D = 16
+  assert len(result["trials"][0]["intermediate"]) == 2
+  with pytest.raises(ValueError, match="Unknown settings \\['n_trails'\\]"):
+    corinfomax_tf.sweep(["alpha:log:10:200"], workdir=str(tmp_path / "t"), n_trails=3)
+  with pytest.raises(TypeError, match="search must be a list"):
+    corinfomax_tf.sweep("alpha:log:10:200", workdir=str(tmp_path / "t"))
