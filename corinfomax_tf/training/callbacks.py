@@ -134,9 +134,10 @@ class PreemptionSaver(keras.callbacks.Callback):
   training thread, so a checkpoint is never taken of a half-applied update.
   """
 
-  def __init__(self, checkpoints):
+  def __init__(self, checkpoints, on_save=None):
     super().__init__()
     self.checkpoints = checkpoints
+    self.on_save = on_save     # called with the step after the save (epoch terms)
     self.signal_name = None
     self.saved_step = None
 
@@ -163,7 +164,46 @@ class PreemptionSaver(keras.callbacks.Callback):
       raise errors.TrainingStopped(f"loss is not finite at step {self.saved_step}; "
                                "not saved on preemption")
     self.checkpoints.save(self.saved_step)
+    if self.on_save is not None:
+      self.on_save(self.saved_step)
     self.model.stop_training = True
+
+
+def tracker_state(model):
+  """{metric name: [total, count]} of the model's epoch means (Keras Mean trackers),
+  summed over replicas."""
+  return {m.name: [float(np.asarray(v.numpy()).reshape(-1)[0]) for v in m.variables]
+          for m in model.metrics}
+
+
+def _assign_summed(variable, value):
+  """Assigns a replica-summed (on-read) metric variable: the value on the first
+  replica, 0 on the others, so that its sum is `value`."""
+  tf_variable = getattr(variable, "value", variable)
+  components = getattr(tf_variable, "values", None)
+  if components is not None and len(components) > 1:
+    for i, component in enumerate(components):
+      component.assign(tf.cast(value if i == 0 else 0.0, component.dtype))
+  else:
+    variable.assign(value)
+
+
+class RestoreEpochTerms(keras.callbacks.Callback):
+  """Puts the epoch means saved with a mid-epoch checkpoint back after Keras resets
+  them at the start of the resumed epoch: the epoch's reported terms are then those
+  of the whole epoch, as an uninterrupted run reports them."""
+
+  def __init__(self, state):
+    super().__init__()
+    self.state = state
+
+  def on_epoch_begin(self, epoch, logs=None):
+    if self.state is None:
+      return
+    for metric in self.model.metrics:
+      for variable, value in zip(metric.variables, self.state.get(metric.name, ())):
+        _assign_summed(variable, value)
+    self.state = None
 
 
 class ScalarLogger(keras.callbacks.Callback):
@@ -293,18 +333,22 @@ class ProgressBar(keras.callbacks.Callback):
     self._epoch = epoch + 1
     self._start = time.perf_counter()
     self._last_draw = 0.0
+    self._ran = 0
+    # A resumed epoch runs only the steps after its checkpoint.
+    self._before = self.steps - ((self.params or {}).get("steps") or self.steps)
 
   def on_train_batch_end(self, batch, logs=None):
+    self._ran = batch + 1
     if not self.interactive:
       return
     now = time.perf_counter()
-    done = batch + 1
+    done = self._before + batch + 1
     if now - self._last_draw < 0.2 and done < self.steps:
       return
     self._last_draw = now
     elapsed = now - self._start
-    rate = done * self.batch / elapsed if elapsed > 0 else 0.0
-    eta = (self.steps - done) * elapsed / done
+    rate = (batch + 1) * self.batch / elapsed if elapsed > 0 else 0.0
+    eta = (self.steps - done) * elapsed / (batch + 1)
     width = 20
     filled = int(width * done / self.steps)
     bar = "=" * filled + ">" * (filled < width) + "." * (width - filled - 1)
@@ -314,10 +358,11 @@ class ProgressBar(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     elapsed = time.perf_counter() - self._start
-    rate = self.steps * self.batch / elapsed if elapsed > 0 else 0.0
-    self.stream.write(f"\rEpoch {epoch + 1}/{self.epochs}: {self.steps} steps in "
-                      f"{elapsed:.1f}s, {rate:.0f} img/s  {self._terms(logs)}\x1b[K\n"
-                      if self.interactive else
-                      f"Epoch {epoch + 1}/{self.epochs}: {self.steps} steps in "
-                      f"{elapsed:.1f}s, {rate:.0f} img/s  {self._terms(logs)}\n")
+    rate = self._ran * self.batch / elapsed if elapsed > 0 else 0.0
+    steps = f"{self._ran} steps"
+    if self._before:
+      steps += f" (resumed after step {self._before} of {self.steps})"
+    line = (f"Epoch {epoch + 1}/{self.epochs}: {steps} in {elapsed:.1f}s, {rate:.0f} "
+            f"img/s  {self._terms(logs)}")
+    self.stream.write(f"\r{line}\x1b[K\n" if self.interactive else f"{line}\n")
     self.stream.flush()

@@ -18,6 +18,8 @@ import sys
 from corinfomax_tf import errors
 
 SUMMARY_FILE = "summary.json"
+# Beside a mid-epoch checkpoint: the running means of the epoch it interrupted.
+EPOCH_TERMS_FILE = "epoch_terms.json"
 # Keys config.json holds beside the config's sections: what a resume must keep (by
 # flag name) and which images were trained on.
 RESUME_KEY = "resume"
@@ -437,14 +439,18 @@ class PretrainingJob:
     return tf.train.latest_checkpoint(self.workdir.join("checkpoints")) or "none yet"
 
   def _fit_epochs(self, callbacks):
+    from corinfomax_tf.training import callbacks as callbacks_lib
     step, spe, t = self.step, self.spe, self.cfg.train
     history = None
     if step % spe:
       self._wait_for_data_service()
-      # Stopped mid-epoch (preemption): finish that epoch first.
+      # Stopped mid-epoch (preemption): finish that epoch first, its means continued
+      # from those saved with the checkpoint.
+      restore = callbacks_lib.RestoreEpochTerms(self._saved_epoch_terms(step))
       history = self.model.fit(
           self._dataset_from(step), epochs=step // spe + 1, initial_epoch=step // spe,
-          steps_per_epoch=spe - step % spe, callbacks=callbacks, verbose=0, shuffle=False)
+          steps_per_epoch=spe - step % spe, callbacks=[restore, *callbacks], verbose=0,
+          shuffle=False)
       step = self._step_now()
     if step < self.total_steps and not self.preemption.stopped:
       self._wait_for_data_service()
@@ -452,6 +458,20 @@ class PretrainingJob:
           self._dataset_from(step), epochs=self.total_epochs, initial_epoch=step // spe,
           steps_per_epoch=spe, callbacks=callbacks, verbose=0, shuffle=False)
     return history
+
+  def _save_epoch_terms(self, step):
+    """With a mid-epoch (preemption) checkpoint: the epoch's running means so far."""
+    from corinfomax_tf.training import callbacks as callbacks_lib
+    if self.chief:
+      self.workdir.write_json(os.path.join("checkpoints", EPOCH_TERMS_FILE), dict(
+          step=step, terms=callbacks_lib.tracker_state(self.model)))
+
+  def _saved_epoch_terms(self, step):
+    """The epoch means saved with the checkpoint of `step`, or None."""
+    saved = self.workdir.read_json(os.path.join("checkpoints", EPOCH_TERMS_FILE))
+    if not saved or saved.get("step") != step:
+      return None
+    return saved["terms"]
 
   def _wait_for_data_service(self):
     if self.cfg.data.data_service and not getattr(self, "_service_ready", False):
@@ -497,7 +517,8 @@ class PretrainingJob:
     from corinfomax_tf.training import callbacks as callbacks_lib
     t, workdir = self.cfg.train, self.workdir
     self.throughput = callbacks_lib.Throughput(t.batch_size)
-    preemption = callbacks_lib.PreemptionSaver(self.checkpoints)
+    preemption = callbacks_lib.PreemptionSaver(self.checkpoints,
+                                               on_save=self._save_epoch_terms)
     cbs = [callbacks_lib.FiniteLossGuard(t.workdir)]
     if t.loss_spike_factor:
       cbs.append(callbacks_lib.LossSpikeGuard(t.loss_spike_factor, t.loss_spike_window,
@@ -534,11 +555,40 @@ class PretrainingJob:
     return data_lib.eval_dataset(split, batch_size=256, image_size=d.image_size,
                                  mean=d.mean, std=d.std)
 
+  def _set_aside_earlier_results(self):
+    """Results of an earlier step (a probe or export this run did not redo, e.g.
+    after --extend_epochs with --probe_epochs=0 or --noexport) leave the top level of
+    the summary for `earlier`, each with its step, and the output says so."""
+    step, previous_step = self.summary["step"], self.previous.get("step")
+    earlier = dict(self.summary.pop("earlier", {}))
+    moved = []
+    for key, companions in (("probe", ("probe_dataset",)), ("random_probe", ()),
+                            ("export", ())):
+      if key not in self.summary:
+        continue
+      at = self.summary.get(f"{key}_step", previous_step)
+      if at == step:
+        continue
+      earlier[key] = self.summary.pop(key)
+      earlier[f"{key}_step"] = at
+      self.summary.pop(f"{key}_step", None)
+      for name in companions:
+        if name in self.summary:
+          earlier[name] = self.summary.pop(name)
+      moved.append(f"{key} (step {at})")
+    if earlier:
+      self.summary["earlier"] = earlier
+    if moved:
+      self.log(f"Not redone at step {step}: {', '.join(moved)}; summary.json keeps "
+               "them under 'earlier' with the step they belong to (--probe_epochs, "
+               "--export redo them)")
+
   def export(self):
     """The encoder of the last checkpoint, exported and checked (SavedModel, preset)."""
     from corinfomax_tf.export import saved_model
     t = self.cfg.train
     export_dir = t.export_dir or self.workdir.join("export")
+    self.summary["export_step"] = self.summary["step"]
     if (saved_model.is_our_export(export_dir) and
         saved_model.read_metadata(export_dir)["step"] == self.summary["step"]):
       self.summary["export"] = export_dir
@@ -567,12 +617,14 @@ class PretrainingJob:
                                   self._eval_split(e.test), e.num_classes,
                                   epochs=t.probe_epochs, seed=t.seed)
     self.summary["probe_dataset"] = self.cfg.data.eval_dataset or self.cfg.data.dataset
+    self.summary["probe_step"] = self.summary["step"]
     self.summary["probe"] = probe(self.model.features)
     self.log(f"Linear probe, pretrained encoder: top-1 {self.summary['probe']['top1']:.2f}%")
     if t.probe_random:
       random_encoder = pooling.pooled_model(factory.random_encoder(
           self.architecture, t.seed + 1, name="random_encoder"))
       self.summary["random_probe"] = probe(random_encoder)
+      self.summary["random_probe_step"] = self.summary["step"]
       self.log(f"Linear probe, random encoder:     top-1 "
                f"{self.summary['random_probe']['top1']:.2f}%")
     writer = tf.summary.create_file_writer(self.workdir.join("eval"))
@@ -584,6 +636,7 @@ class PretrainingJob:
 
   def summarise(self):
     import json
+    self._set_aside_earlier_results()
     if self.chief:
       self.workdir.write_json(SUMMARY_FILE, self.summary)
       self.log(json.dumps(self.summary, sort_keys=True))
