@@ -27,8 +27,9 @@ class UserError(Exception):
   prefix = "error"
 
 
-class ConfigError(UserError):
-  """A flag value (or combination) that cannot be used; the message names the flag."""
+class ConfigError(UserError, ValueError):
+  """A flag value (or combination) that cannot be used; the message names the flag.
+  Also a `ValueError`: Python callers may catch either."""
 
 
 class DataError(UserError):

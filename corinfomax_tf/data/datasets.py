@@ -669,6 +669,57 @@ def _image_and_label(element):
   return _ensure_rgb(image), tf.cast(label, tf.int64)
 
 
+# Images read to check the pixel kind and range of a user's dataset.
+KIND_SAMPLE = 256
+
+
+def _image_spec(spec):
+  if isinstance(spec, dict):
+    return spec.get("image")
+  if isinstance(spec, (tuple, list)):
+    return spec[0] if spec else None
+  return spec
+
+
+def check_image_kind(images, argument="images"):
+  """Refuses pixels that would silently train on wrong images: uint8 (0..255) is
+  taken as is, floats must lie in [0, 1] (the convention of
+  tf.image.convert_image_dtype); any other dtype is a TypeError, floats outside
+  [0, 1] a ValueError, each naming `argument`, the dtype and the range found in the
+  first KIND_SAMPLE images."""
+  spec = _image_spec(images.element_spec)
+  dtype = getattr(spec, "dtype", None)
+  if dtype is None or dtype == tf.uint8:
+    return
+  if not (dtype.is_floating or dtype.is_integer):
+    raise TypeError(f"{argument}: pixels must be uint8 (0..255) or float in [0, 1]. "
+                    f"Received: {argument} of dtype {dtype.name}")
+
+  def image_of(*element):
+    image = _image_spec(element[0] if len(element) == 1 else element)
+    return tf.cast(image, tf.float64)
+  sample = images.take(KIND_SAMPLE).map(image_of)
+  low, high, count = sample.reduce(
+      (tf.constant(float("inf"), tf.float64), tf.constant(float("-inf"), tf.float64),
+       tf.constant(0, tf.int64)),
+      lambda acc, x: (tf.minimum(acc[0], tf.reduce_min(x)),
+                      tf.maximum(acc[1], tf.reduce_max(x)), acc[2] + 1))
+  low, high, count = float(low), float(high), int(count)
+  found = f"values {low:g}..{high:g} in the first {count} images"
+  if dtype.is_integer:
+    hint = ("cast them with tf.cast(image, tf.uint8)" if 0 <= low and high <= 255 else
+            "scale them to uint8 0..255 or float 0..1")
+    raise TypeError(f"{argument}: pixels must be uint8 (0..255) or float in [0, 1]; "
+                    f"found {dtype.name} with {found}: {hint}. Received: {argument} of "
+                    f"dtype {dtype.name}")
+  if low < 0 or high > 1:
+    hint = ("divide them by 255, or cast them to uint8" if high <= 255 and low >= 0
+            else "scale them to [0, 1]")
+    raise ValueError(f"{argument}: float pixels must be in [0, 1] (the convention of "
+                     f"tf.image.convert_image_dtype); found {dtype.name} with {found}: "
+                     f"{hint}. Received: {argument} of dtype {dtype.name}")
+
+
 def source_from_dataset(images, *, name="python", num_images=None, num_classes=0):
   """A `Source` of any finite tf.data.Dataset of single images: uint8 (or float in
   [0, 1]) tensors (H, W, 3) or (H, W, 1), (image, label) pairs, or dicts with
@@ -676,6 +727,7 @@ def source_from_dataset(images, *, name="python", num_images=None, num_classes=0
   size. Its length is the dataset's cardinality, or counted once when unknown."""
   if not isinstance(images, tf.data.Dataset):
     raise ValueError(f"Expected a tf.data.Dataset of images. Received: images={images!r}")
+  check_image_kind(images)
   ds = images.map(lambda *element: _image_and_label(
       element[0] if len(element) == 1 else element), num_parallel_calls=tf.data.AUTOTUNE)
   count = num_images

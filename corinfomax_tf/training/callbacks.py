@@ -366,3 +366,35 @@ class ProgressBar(keras.callbacks.Callback):
             f"img/s  {self._terms(logs)}")
     self.stream.write(f"\r{line}\x1b[K\n" if self.interactive else f"{line}\n")
     self.stream.flush()
+
+
+class FlatStartWarning(keras.callbacks.Callback):
+  """Warns once when the first `steps` steps of a run all have an attraction and a
+  gradient norm of about 0: the two views are identical and nothing learns (constant
+  or black images, e.g. pixels of a dtype read as zeros). The warning goes to the
+  log and to `warnings` (the summary's health warnings)."""
+
+  def __init__(self, steps=5, attraction_floor=1e-7, grad_floor=1e-4, log=None):
+    super().__init__()
+    self.steps = steps
+    self.attraction_floor = attraction_floor
+    self.grad_floor = grad_floor
+    self.log = log or print
+    self.seen = []
+    self.warnings = []
+
+  def on_train_batch_end(self, batch, logs=None):
+    if len(self.seen) >= self.steps or not logs or "attraction" not in logs:
+      return
+    self.seen.append((abs(_scalar(logs["attraction"])), abs(_scalar(logs.get("grad_norm", 0.0)))))
+    if len(self.seen) < self.steps:
+      return
+    attraction = max(a for a, _ in self.seen)
+    grad = max(g for _, g in self.seen)
+    if attraction < self.attraction_floor and grad < self.grad_floor:
+      message = (f"steps 1-{self.steps}: attraction {attraction:.1e} and gradient norm "
+                 f"{grad:.1e}, both about 0: the two views are identical and nothing "
+                 "learns; the images may be constant (all black?): check their dtype and "
+                 "range (uint8 0..255, or float in [0, 1])")
+      self.warnings.append((int(self.model.step_counter.numpy()), message))
+      self.log(f"warning: {message}")

@@ -426,10 +426,12 @@ class PretrainingJob:
                         images_per_second=self.throughput.images_per_second())
     if self.knn is not None and self.knn.last:
       self.summary["knn"] = self.knn.last
+    warnings = list(self.flat_start.warnings) if self.flat_start is not None else []
     if self.monitor is not None:
       self.summary["monitor"] = self.monitor.last
-      self.summary["health_warnings"] = [f"step {s}: {m}"
-                                         for s, m in self.monitor.warnings[-10:]]
+      warnings += self.monitor.warnings[-10:]
+    if self.monitor is not None or warnings:
+      self.summary["health_warnings"] = [f"step {s}: {m}" for s, m in warnings]
 
   def _step_now(self):
     return int(self.model.step_counter.numpy())
@@ -520,6 +522,10 @@ class PretrainingJob:
     preemption = callbacks_lib.PreemptionSaver(self.checkpoints,
                                                on_save=self._save_epoch_terms)
     cbs = [callbacks_lib.FiniteLossGuard(t.workdir)]
+    self.flat_start = None
+    if self.step == 0 and self.chief:
+      self.flat_start = callbacks_lib.FlatStartWarning(log=self.log)
+      cbs.append(self.flat_start)
     if t.loss_spike_factor:
       cbs.append(callbacks_lib.LossSpikeGuard(t.loss_spike_factor, t.loss_spike_window,
                                               t.workdir))
@@ -643,6 +649,36 @@ class PretrainingJob:
     return self.summary
 
 
+def _kind_of(default):
+  """(test, what it is) for a setting whose train-flag default is `default`."""
+  import numbers
+  if isinstance(default, bool):
+    return (lambda v: isinstance(v, bool)), "True or False"
+  if isinstance(default, int):
+    return (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)), \
+        "an integer"
+  if isinstance(default, float):
+    return (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)), "a number"
+  if isinstance(default, (list, tuple)):
+    return (lambda v: isinstance(v, (str, list, tuple))), "a list (or a comma-separated str)"
+  if isinstance(default, str):
+    return (lambda v: isinstance(v, str)), "a str"
+  return (lambda v: True), "anything"
+
+
+def check_setting_types(settings, defaults):
+  """Each setting of `pretrain` (and `sweep`) must have the type of its train flag:
+  a TypeError naming the argument otherwise (before: `lr="fast"` failed deep inside
+  with "'>' not supported between 'str' and 'float'")."""
+  for name, value in settings.items():
+    if name not in defaults or defaults[name] is None:
+      continue
+    ok, what = _kind_of(defaults[name])
+    if not ok(value):
+      raise TypeError(f"{name} must be {what} (as the train command's --{name}). "
+                      f"Received: {name}={value!r}")
+
+
 def pretrain(backbone, images, *, workdir, image_size, epochs, batch_size,
              normalization="imagenet", export=True, log=print, **settings):
   """Pretrains `backbone` on `images` with the full lifecycle of the `train` command.
@@ -695,6 +731,13 @@ def pretrain(backbone, images, *, workdir, image_size, epochs, batch_size,
   if unknown:
     raise ValueError(f"Unknown settings {unknown}: pass flags of the train command by "
                      f"name. Received: {', '.join(f'{k}={settings[k]!r}' for k in unknown)}")
+  if "verbose" in settings and isinstance(settings["verbose"], int):
+    settings["verbose"] = str(settings["verbose"])
+  check_setting_types(dict(settings, image_size=image_size, epochs=epochs,
+                           batch_size=batch_size, export=export), values)
+  if not isinstance(workdir, (str, os.PathLike)):
+    raise TypeError(f"workdir must be a path. Received: workdir={workdir!r}")
+  workdir = os.fspath(workdir)
   for name in ("dataset", "data_dir", "normalization"):
     if name in settings:
       raise ValueError(f"{name} is given by `images` and `normalization` here. "

@@ -503,7 +503,12 @@ def sweep(search, *, workdir, n_trials=20, backbone=None, images=None, log=print
   if isinstance(search, str):
     raise TypeError(f"search must be a list of strings such as ['alpha:log:50:2000']. "
                     f"Received: search={search!r}")
-  values.update(train, workdir=workdir)
+  from corinfomax_tf.training import pretraining
+  pretraining.check_setting_types(train, values)
+  pretraining.check_setting_types(
+      dict(own, n_trials=n_trials),
+      {f.name: f.default for f in dataclasses.fields(config_lib.SweepConfig)})
+  values.update(train, workdir=os.fspath(workdir))
   cfg = sweep_config(values, search, n_trials=n_trials, **own)
   source = None if images is None else data_lib.source_from_dataset(images)
   return Sweep(cfg, log=log, backbone=backbone, source=source).run()
