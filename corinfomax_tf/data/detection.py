@@ -150,6 +150,8 @@ def read_coco_json(annotations_path, images_dir, flag="--train_annotations"):
       fail(f"has no {key!r} list (not COCO format)")
   if not coco["categories"]:
     fail("lists no categories")
+  if not coco["images"]:
+    fail("lists no images")
   names = {}
   for category in coco["categories"]:
     try:

@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+from corinfomax_tf import errors
+
 ONNX_FILE = "encoder.onnx"
 LITERT_FILE = "encoder.tflite"
 RUNTIME_BATCH = 1
@@ -137,7 +139,14 @@ def onnx_session(path, threads=0):
   options = onnxruntime.SessionOptions()
   if threads:
     options.intra_op_num_threads = threads
-  return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+  try:
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+  except Exception as e:  # noqa: BLE001  (onnxruntime's pybind errors share no base)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+    raise errors.ExportError(
+        f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {first}); the file is "
+        "damaged or cut short: export again (corinfomax export --overwrite), or use "
+        "--runtime=tensorflow") from None
 
 
 def run_onnx(path, images, threads=0):

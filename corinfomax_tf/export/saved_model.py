@@ -30,8 +30,10 @@ renamed; `<export_dir>` itself is a symbolic link switched atomically to the new
 step. A reader never sees a half-written export.
 """
 
+import fcntl
 import json
 import os
+import re
 import shutil
 
 import keras
@@ -190,8 +192,71 @@ def write_export(backbone, metadata, export_dir, overwrite=False, *, onnx=True,
   if os.path.exists(final) and not overwrite:
     raise errors.ExportError(f"--export_dir={export_dir}: step {metadata['step']} is already "
                       f"exported at {final} (pass --overwrite to replace it)")
+  remove_abandoned(root, log)
   tmp = os.path.join(root, f".tmp-{metadata['step']}-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
+  writer = _hold_writer_lock(tmp)
+  try:
+    return _write_step(backbone, metadata, export_dir, tmp, final, onnx, litert, log)
+  finally:
+    _release_writer_lock(writer)
+
+
+def _hold_writer_lock(tmp):
+  """`<tmp>.lock`, flock'ed while this process writes `tmp`: the system releases it
+  when the process dies, which is how the next export knows `tmp` is abandoned."""
+  fh = open(tmp + ".lock", "a+")
+  fcntl.flock(fh, fcntl.LOCK_EX)
+  return fh
+
+
+def _release_writer_lock(fh):
+  fcntl.flock(fh, fcntl.LOCK_UN)
+  fh.close()
+  try:
+    os.remove(fh.name)
+  except OSError:
+    pass
+
+
+def _pid_alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:
+    return True   # alive, another user's
+  return True
+
+
+def remove_abandoned(root, log=print):
+  """Removes the temporary folders (`.tmp-<step>-<pid>`, `.old-<pid>` of a step) that
+  an export killed mid-write left in `root`: those whose writer lock is free, or, for
+  folders of older versions without a lock, whose process is gone on this host. A
+  live writer's folder is never touched."""
+  for name in sorted(os.listdir(root)):
+    path = os.path.join(root, name)
+    m = re.fullmatch(r"(\.tmp-\d+|\d+\.old)-(\d+)", name)
+    if not m or not os.path.isdir(path):
+      continue
+    lock = path + ".lock"
+    if os.path.exists(lock):
+      with open(lock, "a+") as fh:
+        try:
+          fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+          continue   # its writer is alive
+        shutil.rmtree(path, ignore_errors=True)
+        os.remove(lock)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    elif not _pid_alive(int(m.group(2))):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      continue
+    log(f"Removed {path}: left by an export that was killed mid-write")
+
+
+def _write_step(backbone, metadata, export_dir, tmp, final, onnx, litert, log):
   build_archive(backbone, metadata).write_out(tmp, verbose=False)
   if onnx or litert:
     metadata = {**metadata, "runtimes": _runtime_files(backbone, metadata, tmp, onnx,

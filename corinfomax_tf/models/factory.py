@@ -58,6 +58,36 @@ def read_backbone_config(path, flag="--backbone_config"):
   return config
 
 
+def backbone_from_file(path, flag="--backbone_config"):
+  """The backbone a --backbone_config file describes; anything that is not a built
+  keras.Model taking one image batch (an optimizer, a layer, a Sequential without
+  an input) is one ConfigError naming the file."""
+  import keras
+  config = read_backbone_config(path, flag)
+  try:
+    backbone = from_serialized(config)
+  except Exception as e:  # noqa: BLE001  (Keras raises many kinds for bad configs)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+    raise errors.ConfigError(f"{flag}={path}: cannot be rebuilt as a Keras object "
+                             f"({type(e).__name__}: {first})") from None
+  kind = config.get("class_name")
+  if not isinstance(backbone, keras.Model):
+    raise errors.ConfigError(
+        f"{flag}={path}: holds a {kind} ({type(backbone).__name__}), not a backbone: "
+        "serialize a keras.Model that takes images (keras-hub backbone, functional "
+        "model, or a Sequential with an Input)")
+  try:
+    inputs = backbone.inputs
+  except (AttributeError, ValueError):
+    inputs = None
+  if not inputs:
+    raise errors.ConfigError(
+        f"{flag}={path}: the {kind} has no defined input (a Sequential or subclassed "
+        "model never called): give it an Input (keras.Input(shape=(H, W, 3))) before "
+        "serializing it")
+  return backbone
+
+
 def from_preset(preset, flag="--backbone"):
   """A keras-hub backbone with its weights, from a preset directory (an export of
   ours holds one under preset/) or a name keras-hub can fetch."""
@@ -86,7 +116,7 @@ def build(model_cfg, *, image_size=None, sync_batch_norm=False, name="encoder"):
   kind = get("backbone", "resnet") or "resnet"
   config_path = get("backbone_config", "")
   if config_path:
-    backbone = from_serialized(read_backbone_config(config_path))
+    backbone = backbone_from_file(config_path)
   elif is_resnet(kind):
     return encoder(get("depth"), get("stem"), get("width"), name=name,
                    sync_batch_norm=sync_batch_norm)
