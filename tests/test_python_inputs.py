@@ -64,6 +64,18 @@ def test_pretrain_refuses_such_images_and_settings_of_the_wrong_type(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("kwargs, error, needle", [
+    (dict(image_size="8", batch_size=4), TypeError, "image_size must be an integer. "
+     "Received: image_size='8'"),
+    (dict(image_size=8, batch_size=4.0), TypeError, "batch_size must be an integer"),
+    (dict(image_size=8, batch_size=1), ValueError, "batch_size must be >= 2"),
+])
+def test_two_views_checks_its_arguments(kwargs, error, needle):
+  images = tf.data.Dataset.from_tensor_slices(PIXELS.astype("uint8"))
+  with pytest.raises(error, match=needle):
+    corinfomax_tf.two_views(images, **kwargs)
+
+
 @pytest.mark.slow
 def test_a_run_that_learns_nothing_from_its_first_steps_warns(tmp_path):
   black = tf.data.Dataset.from_tensor_slices(np.zeros((64, 8, 8, 3), "uint8"))

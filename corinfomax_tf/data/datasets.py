@@ -786,6 +786,11 @@ def two_views(images, *, image_size, batch_size, views=PAPER_VIEWS,
   model.fit(ds, epochs=100, steps_per_epoch=len(uint8_array) // 256)
   ```
   """
+  for name, value, least in (("image_size", image_size, 8), ("batch_size", batch_size, 2)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+      raise TypeError(f"{name} must be an integer. Received: {name}={value!r}")
+    if value < least:
+      raise ValueError(f"{name} must be >= {least}. Received: {name}={value!r}")
   mean, std = normalization_of(normalization)
   source = images if isinstance(images, Source) else source_from_dataset(images)
   return two_view_dataset(source, global_batch_size=batch_size, image_size=image_size,

@@ -471,6 +471,23 @@ class FrozenEncoder:
     return self._fn(images01)
 
 
+def load_saved_model(path, flag="--encoder"):
+  """tf.saved_model.load, with a damaged or cut SavedModel (its graph or its
+  variables) as one ExportError naming the export."""
+  try:
+    loaded = tf.saved_model.load(path)
+    # Reading the variables is where a cut data file shows.
+    for variable in loaded.variables:
+      variable.numpy()
+    return loaded
+  except (OSError, IndexError, ValueError, tf.errors.OpError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+    raise errors.ExportError(
+        f"{flag}={path}: the SavedModel cannot be read ({type(e).__name__}: {first}); "
+        "the export is damaged or cut short: export it again (corinfomax export "
+        "--overwrite)") from None
+
+
 def load_encoder(path, runtime="tensorflow"):
   """A frozen encoder: float images in [0, 1] in, pooled features out.
 
@@ -501,7 +518,7 @@ def load_encoder(path, runtime="tensorflow"):
     return runtimes.OnnxEncoder(path, read_metadata(path))
   if kind == "export":
     metadata = read_metadata(path)
-    loaded = tf.saved_model.load(path)
+    loaded = load_saved_model(path)
     encoder = FrozenEncoder(loaded.call_inference, metadata, loaded.trainable_variables,
                             owner=loaded)
     encoder.identity = encoder_identity(loaded.variables, metadata)

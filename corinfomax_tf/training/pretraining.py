@@ -431,7 +431,10 @@ class PretrainingJob:
       self.summary["monitor"] = self.monitor.last
       warnings += self.monitor.warnings[-10:]
     if self.monitor is not None or warnings:
-      self.summary["health_warnings"] = [f"step {s}: {m}" for s, m in warnings]
+      # An earlier stage's warnings (before an extension) stay: they describe the run.
+      earlier = [w for w in self.previous.get("health_warnings", [])
+                 if int((re.match(r"step (\d+):", w) or [0, 0])[1]) <= self.step]
+      self.summary["health_warnings"] = earlier + [f"step {s}: {m}" for s, m in warnings]
 
   def _step_now(self):
     return int(self.model.step_counter.numpy())
