@@ -130,6 +130,18 @@ def test_a_storage_that_cannot_be_opened_is_one_line(tmp_path, url, needle):
   assert needle in str(e.value) and "secret" not in str(e.value), e.value
 
 
+def test_a_journal_file_is_a_storage_many_hosts_can_share(tmp_path):
+  url = f"journal:{tmp_path / 'journal.log'}"
+  opened = [study_lib.open_study(study_lib.open_storage(url, str(tmp_path)), "j",
+                                 {"search": ["a:log:1:2"]}, study_lib.SeededPerTrial(0, 2),
+                                 study_lib.make_pruner("none", after_epochs=0,
+                                                       startup_trials=0, max_epochs=1), url)
+            for _ in range(2)]   # two processes' views of one study
+  trial = opened[0].ask()
+  opened[0].tell(trial, 1.0)
+  assert [t.value for t in opened[1].get_trials()] == [1.0]
+
+
 def test_a_study_made_with_other_settings_is_refused(tmp_path):
   storage = study_lib.open_storage("", str(tmp_path))
   settings = {"search": ["alpha:log:1:2"], "fixed": {"epochs": 3}}
