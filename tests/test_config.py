@@ -21,10 +21,11 @@ def parse(*args):
   return config.from_flags(FLAGS)
 
 
-DOWNSTREAM_PREFIXES = ("linear_", "semisup_", "detection_")
+DOWNSTREAM_PREFIXES = ("linear_", "semisup_", "detection_", "sweep_")
 PRETRAINING_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.cfg"))
                              if not os.path.basename(p).startswith(DOWNSTREAM_PREFIXES))
 LINEAR_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "linear_*.cfg")))
+SWEEP_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "sweep_*.cfg")))
 
 
 @pytest.mark.parametrize("path", PRETRAINING_CONFIGS)
@@ -38,6 +39,26 @@ def test_every_flagfile_parses_and_opens_with_comments(path):
     first = fh.readline()
   assert first.startswith("# ")
   assert cfg.loss.eps == 1e-8
+
+
+@pytest.mark.parametrize("path", SWEEP_CONFIGS)
+def test_every_sweep_flagfile_parses_to_a_checked_sweep(path):
+  from corinfomax_tf.cli import sweep as sweep_cli
+  from corinfomax_tf.tuning import sweep as sweep_lib
+  sweep_cli.define_flags()
+  with open(path) as fh:
+    text = fh.read()
+  assert text.startswith("# ") and "corinfomax sweep --flagfile=configs/" in text
+  FLAGS.unparse_flags()
+  extra = ["--data_dir=/data/images"] if "--dataset=images" in text else []
+  FLAGS(["prog", f"--flagfile={path}", *extra])
+  own = {name: FLAGS[name].value for name in ("n_trials", "score", "validation_fraction",
+                                               "pruner", "startup_trials")}
+  cfg = sweep_lib.sweep_config(flags_lib.train_values(FLAGS), FLAGS.search, **own)
+  assert len(cfg.search) == 5 and {p.name for p in cfg.search} == {
+      "alpha", "la_R", "la_mu", "lr", "projector_out"}
+  assert cfg.train["knn_every_epochs"] == 1 and cfg.n_trials >= 20
+  FLAGS.unparse_flags()
 
 
 def test_paper_settings():

@@ -22,6 +22,8 @@ def define_flags():
   from corinfomax_tf import config
   from corinfomax_tf import flags as flags_lib
   flags_lib.define_flags()
+  if "search" in flags.FLAGS:
+    return
   flags.DEFINE_multi_string(
       "search", [], "A searched parameter, NAME:KIND:LOW:HIGH (KIND log, uniform, int, "
       "int_log) or NAME:choice:A,B,...; NAME is a train flag or projector_out (the "
