@@ -317,7 +317,9 @@ def test_a_killed_sweep_reruns_to_the_uninterrupted_result(swept, tmp_path):
 @pytest.mark.slow
 def test_two_processes_share_one_study_and_run_no_trial_twice(tmp_path):
   workdir = str(tmp_path / "shared")
-  args = [*TINY, f"--workdir={workdir}", "--n_trials=3", "--epochs=1", "--noexport"]
+  # No trial exports; the best one is exported for its one test measurement.
+  args = [*TINY, f"--workdir={workdir}", "--n_trials=3", "--epochs=1", "--noexport",
+          "--test_best"]
   procs = [helpers.start_command("corinfomax_tf.sweep", *args) for _ in range(2)]
   outs = []
   for proc in procs:
@@ -329,8 +331,12 @@ def test_two_processes_share_one_study_and_run_no_trial_twice(tmp_path):
               in out] for out in outs]
   assert sorted(started[0] + started[1]) == [0, 1, 2], started
   assert all(started), "both processes ran trials"
-  owners = {t["owner"]["pid"] for t in read_json(workdir, "sweep.json")["trials"]}
-  assert len(owners) == 2
+  result = read_json(workdir, "sweep.json")
+  assert len({t["owner"]["pid"] for t in result["trials"]}) == 2
+  test = read_json(workdir, "test.json")
+  assert test["trial"] == result["best"]["number"] and test["num_test"] == 360
+  assert os.path.isdir(os.path.join(result["best"]["workdir"], "export"))
+  assert sum("Test split, best trial only" in out for out in outs) >= 1
 
 
 @pytest.mark.slow

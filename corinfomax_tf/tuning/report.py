@@ -1,9 +1,9 @@
 """A sweep's results: the table, sweep.json, best.cfg, the plots, the HParams config,
 and the best trial's one measurement on the test split.
 
-Every process that ends its loop writes them (atomically) from the study as it is
-then; the test split is measured once, by the first process that finds the study
-complete, and recorded in test.json.
+Every process that ends its loop writes them (atomically, under the sweep's ask
+lock) from the study as it is then; the test split is measured once, by the first
+process that finds the study complete, and recorded in test.json.
 """
 
 import json
@@ -165,8 +165,9 @@ def write_hparams_config(sweep):
 
 
 def write_results(sweep):
-  """Everything above; returns the sweep.json dict."""
-  from corinfomax_tf.tuning import sweep as sweep_lib
+  """Everything above; returns the sweep.json dict. The caller holds the sweep's ask
+  lock: processes write their results one after the other, each from the study as
+  it is then, so the last one written is the newest."""
   study, log = sweep.study, sweep.log
   rows = trial_rows(sweep)
   params = [p.name for p in sweep.cfg.search]
@@ -189,8 +190,7 @@ def write_results(sweep):
                           flagfile=os.path.join(sweep.dir, BEST_FLAGFILE))
     write_atomic(os.path.join(sweep.dir, BEST_FLAGFILE), best_flagfile(sweep, best))
   if best is not None and complete and sweep.cfg.test_best:
-    with sweep_lib._flock(os.path.join(sweep.dir, sweep_lib.ASK_LOCK)):
-      test = measure_test(sweep, best)
+    test = measure_test(sweep, best)
     if test is not None:
       result["test"] = test
   write_hparams_config(sweep)

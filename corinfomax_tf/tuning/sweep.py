@@ -28,6 +28,7 @@ import types
 import optuna
 
 from corinfomax_tf import errors
+from corinfomax_tf.tuning import report
 from corinfomax_tf.tuning import space as space_lib
 from corinfomax_tf.tuning import study as study_lib
 
@@ -407,8 +408,8 @@ class Sweep:
   # -- results ----------------------------------------------------------------
 
   def finish(self):
-    from corinfomax_tf.tuning import report
-    return report.write_results(self)
+    with _flock(os.path.join(self.dir, ASK_LOCK)):
+      return report.write_results(self)
 
 
 def _short(value):
