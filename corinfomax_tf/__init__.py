@@ -13,34 +13,49 @@ monitors, export):
     summary = corinfomax_tf.pretrain(backbone, images, workdir="runs/mine",
                                      image_size=32, epochs=100, batch_size=256)
 
-Importing the package registers its Keras classes (the ResNet backbone, projector,
-loss layer, schedule and optimizer), so a keras-hub preset written by an export
-loads with `keras_hub.models.Backbone.from_preset(path)` wherever the package is
-installed.
+`import corinfomax_tf` is instant: each name below is imported at its first use
+(TensorFlow with it), so the command line shows its usage without starting
+TensorFlow. Using the API registers the package's Keras classes (the ResNet backbone,
+projector, loss layer, schedule and optimizer); a keras-hub preset written by an
+export loads with `keras_hub.models.Backbone.from_preset(path)` after
+`import corinfomax_tf.models.backbone` (or with `corinfomax_tf.load_preset(path)`).
 """
 
-import os
+import importlib
 
-# Before TensorFlow starts: keep its C++ start-up chatter (INFO lines) off the console.
-# A value the user set is kept.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+__version__ = "0.11.0"
 
-__version__ = "0.10.0"
-
-# isort: off
-from corinfomax_tf.errors import UserError  # noqa: E402
-from corinfomax_tf.models.backbone import CorInfoMaxBackbone  # noqa: E402
-from corinfomax_tf.models.projector import Projector  # noqa: E402
-from corinfomax_tf.models.pooling import pooled_model  # noqa: E402
-from corinfomax_tf.method.losses import CorInfoMaxLoss  # noqa: E402
-from corinfomax_tf.method.model import CorInfoMax  # noqa: E402
-from corinfomax_tf.data.augment import ViewConfig  # noqa: E402
-from corinfomax_tf.data.datasets import PAPER_VIEWS, two_views  # noqa: E402
-from corinfomax_tf.training.pretraining import pretrain  # noqa: E402
-from corinfomax_tf.export.saved_model import load_encoder, load_preset  # noqa: E402
-from corinfomax_tf.export.saved_model import export_workdir  # noqa: E402
-from corinfomax_tf.tuning.sweep import sweep  # noqa: E402
+# Public name -> the module that defines it.
+_API = {
+    "UserError": "corinfomax_tf.errors",
+    "CorInfoMaxBackbone": "corinfomax_tf.models.backbone",
+    "Projector": "corinfomax_tf.models.projector",
+    "pooled_model": "corinfomax_tf.models.pooling",
+    "CorInfoMaxLoss": "corinfomax_tf.method.losses",
+    "CorInfoMax": "corinfomax_tf.method.model",
+    "ViewConfig": "corinfomax_tf.data.views",
+    "PAPER_VIEWS": "corinfomax_tf.data.datasets",
+    "two_views": "corinfomax_tf.data.datasets",
+    "pretrain": "corinfomax_tf.training.pretraining",
+    "load_encoder": "corinfomax_tf.export.saved_model",
+    "load_preset": "corinfomax_tf.export.saved_model",
+    "export_workdir": "corinfomax_tf.export.saved_model",
+    "sweep": "corinfomax_tf.tuning.sweep",
+}
 
 __all__ = ["CorInfoMax", "CorInfoMaxLoss", "CorInfoMaxBackbone", "Projector",
            "ViewConfig", "PAPER_VIEWS", "two_views", "pretrain", "pooled_model",
            "export_workdir", "load_encoder", "load_preset", "sweep", "UserError"]
+
+
+def __getattr__(name):
+  """Imports a public name at its first use (PEP 562)."""
+  if name not in _API:
+    raise AttributeError(f"module 'corinfomax_tf' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_API[name]), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_API))

@@ -17,10 +17,9 @@ import json
 import os
 import re
 
-from corinfomax_tf.data import augment
-from corinfomax_tf.method import losses
-from corinfomax_tf.models import projector as projector_lib
-from corinfomax_tf.models import resnet
+from corinfomax_tf.data import views
+from corinfomax_tf.method import loss_args
+from corinfomax_tf.models import specs
 from corinfomax_tf import errors
 
 NORMALIZATIONS = {
@@ -169,8 +168,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  view1: augment.ViewConfig = augment.ViewConfig(blur_prob=1.0, solarize_prob=0.0)
-  view2: augment.ViewConfig = augment.ViewConfig(blur_prob=0.1, solarize_prob=0.2)
+  view1: views.ViewConfig = views.ViewConfig(blur_prob=1.0, solarize_prob=0.0)
+  view2: views.ViewConfig = views.ViewConfig(blur_prob=0.1, solarize_prob=0.2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,8 +376,8 @@ def _views(f):
                 brightness=f.brightness, contrast=f.contrast, saturation=f.saturation,
                 hue=f.hue, grayscale_prob=f.grayscale_prob)
   return AugmentConfig(
-      view1=augment.ViewConfig(blur_prob=blur[0], solarize_prob=solarize[0], **common),
-      view2=augment.ViewConfig(blur_prob=blur[1], solarize_prob=solarize[1], **common))
+      view1=views.ViewConfig(blur_prob=blur[0], solarize_prob=solarize[0], **common),
+      view2=views.ViewConfig(blur_prob=blur[1], solarize_prob=solarize[1], **common))
 
 
 def _from_flags(cls, f, **computed):
@@ -466,10 +465,10 @@ def _model_section(f):
     _check(bool(f.backbone.strip()), "backbone", "''",
            "must name a backbone: resnet18, resnet34, resnet50 or a keras-hub preset")
   depth = computed.get("depth", f.depth)
-  _check(depth in resnet.BLOCKS, "depth", f.depth, f"must be one of {sorted(resnet.BLOCKS)}")
-  _check(f.stem in resnet.STEMS, "stem", f.stem, f"must be one of {resnet.STEMS}")
+  _check(depth in specs.BLOCKS, "depth", f.depth, f"must be one of {sorted(specs.BLOCKS)}")
+  _check(f.stem in specs.STEMS, "stem", f.stem, f"must be one of {specs.STEMS}")
   try:
-    widths = projector_lib.parse_projector_spec(f.projector)
+    widths = specs.parse_projector_spec(f.projector)
   except ValueError:
     raise errors.ConfigError(f"--projector={f.projector}: must be positive integers joined "
                              "by '-', such as 2048-2048-64") from None
@@ -479,7 +478,7 @@ def _model_section(f):
 def _loss_section(f, dim):
   loss = _from_flags(LossConfig, f)
   try:
-    losses.validate_loss_args(dim=dim, **dataclasses.asdict(loss))
+    loss_args.validate_loss_args(dim=dim, **dataclasses.asdict(loss))
   except ValueError as e:
     # "la_R must be in [0, 1). Received: la_R=1.5" -> "--la_R=1.5: must be in [0, 1)"
     message = str(e)

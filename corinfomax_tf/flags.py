@@ -20,10 +20,25 @@ _DEFINED = []
 _TARGET = [flags.FLAGS]
 
 
-def _track(define, name, *args, **kwargs):
+# Flag name -> the config section it belongs to ("data", "model", ...): how a
+# command's --help groups its flags. A flag a command defines itself has none.
+GROUPS = {}
+
+
+def section_title(cls):
+  """The --help heading of a config section: DataConfig -> "data",
+  KnnEvalConfig -> "knn eval", OptimConfig -> "optimizer"."""
+  words = re.findall(r"[A-Z][a-z]*", cls.__name__.removesuffix("Config"))
+  title = " ".join(w.lower() for w in words)
+  return {"optim": "optimizer", "train": "training"}.get(title, title)
+
+
+def _track(define, name, *args, group=None, **kwargs):
   define(name, *args, flag_values=_TARGET[0], **kwargs)
   if name not in _DEFINED:
     _DEFINED.append(name)
+  if group and _TARGET[0] is flags.FLAGS:
+    GROUPS.setdefault(name, group)
 
 
 def defaults():
@@ -54,19 +69,21 @@ def define_config_flags(cls, names=None):
     if field.name in _TARGET[0]:
       continue
     default, help_text = field.default, field.metadata["help"]
+    group = section_title(cls)
     if field.metadata.get("choices"):
       _track(flags.DEFINE_enum, field.name, default, list(field.metadata["choices"]),
-             help_text)
+             help_text, group=group)
     elif isinstance(default, bool):
-      _track(flags.DEFINE_bool, field.name, default, help_text)
+      _track(flags.DEFINE_bool, field.name, default, help_text, group=group)
     elif isinstance(default, int):
-      _track(flags.DEFINE_integer, field.name, default, help_text)
+      _track(flags.DEFINE_integer, field.name, default, help_text, group=group)
     elif isinstance(default, float):
-      _track(flags.DEFINE_float, field.name, default, help_text)
+      _track(flags.DEFINE_float, field.name, default, help_text, group=group)
     elif isinstance(default, tuple):
-      _track(flags.DEFINE_list, field.name, [str(v) for v in default], help_text)
+      _track(flags.DEFINE_list, field.name, [str(v) for v in default], help_text,
+             group=group)
     else:
-      _track(flags.DEFINE_string, field.name, default, help_text)
+      _track(flags.DEFINE_string, field.name, default, help_text, group=group)
 
 
 def define_data_flags():
@@ -88,28 +105,31 @@ def define_flags():
     define_config_flags(section)
 
 
+def _aug(define, name, *args):
+  _track(define, name, *args, group="augmentation")
+
+
 def _define_input_and_augmentation_flags():
   """Flags that are not one config field each: the normalisation (mean and std) and
   the views' augmentation, whose defaults are the paper's views."""
-  from corinfomax_tf.data import augment
-  view1, view2 = (augment.ViewConfig(blur_prob=1.0, solarize_prob=0.0),
-                  augment.ViewConfig(blur_prob=0.1, solarize_prob=0.2))
-  f = flags
-  _track(f.DEFINE_string, "normalization", "auto",
-         "Per-channel mean/std: auto (by data set), cifar10, cifar100, imagenet, digits.")
-  _track(f.DEFINE_float, "crop_min_scale", view1.crop_scale[0],
-         "Random resized crop: smallest area share.")
-  _track(f.DEFINE_float, "hflip_prob", view1.hflip_prob, "Horizontal flip probability.")
-  _track(f.DEFINE_float, "jitter_prob", view1.jitter_prob, "Colour jitter probability.")
-  _track(f.DEFINE_float, "brightness", view1.brightness, "Colour jitter brightness strength.")
-  _track(f.DEFINE_float, "contrast", view1.contrast, "Colour jitter contrast strength.")
-  _track(f.DEFINE_float, "saturation", view1.saturation, "Colour jitter saturation strength.")
-  _track(f.DEFINE_float, "hue", view1.hue, "Colour jitter hue strength.")
-  _track(f.DEFINE_float, "grayscale_prob", view1.grayscale_prob, "Grayscale probability.")
-  _track(f.DEFINE_list, "blur_prob", [str(view1.blur_prob), str(view2.blur_prob)],
-         "Gaussian blur probability: one value, or view1,view2.")
-  _track(f.DEFINE_list, "solarize_prob", [str(view1.solarize_prob), str(view2.solarize_prob)],
-         "Solarisation probability: one value, or view1,view2.")
+  from corinfomax_tf.data import views
+  view1, view2 = (views.ViewConfig(blur_prob=1.0, solarize_prob=0.0),
+                  views.ViewConfig(blur_prob=0.1, solarize_prob=0.2))
+  _aug(flags.DEFINE_string, "normalization", "auto",
+       "Per-channel mean/std: auto (by data set), cifar10, cifar100, imagenet, digits.")
+  _aug(flags.DEFINE_float, "crop_min_scale", view1.crop_scale[0],
+       "Random resized crop: smallest area share.")
+  _aug(flags.DEFINE_float, "hflip_prob", view1.hflip_prob, "Horizontal flip probability.")
+  _aug(flags.DEFINE_float, "jitter_prob", view1.jitter_prob, "Colour jitter probability.")
+  _aug(flags.DEFINE_float, "brightness", view1.brightness, "Colour jitter brightness strength.")
+  _aug(flags.DEFINE_float, "contrast", view1.contrast, "Colour jitter contrast strength.")
+  _aug(flags.DEFINE_float, "saturation", view1.saturation, "Colour jitter saturation strength.")
+  _aug(flags.DEFINE_float, "hue", view1.hue, "Colour jitter hue strength.")
+  _aug(flags.DEFINE_float, "grayscale_prob", view1.grayscale_prob, "Grayscale probability.")
+  _aug(flags.DEFINE_list, "blur_prob", [str(view1.blur_prob), str(view2.blur_prob)],
+       "Gaussian blur probability: one value, or view1,view2.")
+  _aug(flags.DEFINE_list, "solarize_prob", [str(view1.solarize_prob), str(view2.solarize_prob)],
+       "Solarisation probability: one value, or view1,view2.")
 
 
 def define_encoder_flag(help_text):
@@ -247,4 +267,4 @@ def parse_flags(argv):
   except flags.Error as e:
     # absl prefixes some messages with "ERROR:: "; ours start with "error: ".
     message = re.sub(r"^(ERROR:+ *)+", "", str(e))
-    exit_with_error(f"{message}; see --helpfull")
+    exit_with_error(f"{message}; see --help")

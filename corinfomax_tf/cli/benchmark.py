@@ -112,6 +112,7 @@ def format_runtimes(rows):
 def main(flag_values):
   f = flag_values
   cfg = config_lib.from_flags(f)
+  runner.start_tensorflow()
   if f.runtimes_only:
     from corinfomax_tf.benchmarking import runtimes
     if f.input_batch_size < 1 or f.runtime_rounds < 1:

@@ -39,6 +39,7 @@ def define_flags():
 
 
 def main(f):
+  runner.start_tensorflow()
   import tensorflow as tf
 
   from corinfomax_tf.data import datasets

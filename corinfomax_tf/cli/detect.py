@@ -34,6 +34,7 @@ def define_flags():
 def main(flag_values):
   from corinfomax_tf import config as config_lib
   cfg = config_lib.detect_from_flags(flag_values)
+  runner.start_tensorflow()
   from corinfomax_tf.data import detection as detection_data
   from corinfomax_tf.downstream import detection
   from corinfomax_tf.export import saved_model

@@ -147,6 +147,7 @@ def main(flag_values):
   from corinfomax_tf.export import saved_model
   from corinfomax_tf.training import workdir as workdir_lib
   cfg = config_lib.embed_from_flags(flag_values)
+  runner.start_tensorflow()
   from corinfomax_tf import fingerprints
   encoder = saved_model.load_encoder(cfg.encoder, runtime=cfg.runtime)
   size = _image_size(cfg, encoder)

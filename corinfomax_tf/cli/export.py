@@ -24,6 +24,7 @@ def define_flags():
 def main(flag_values):
   from corinfomax_tf import config as config_lib
   cfg = config_lib.export_from_flags(flag_values)
+  runner.start_tensorflow()
   from corinfomax_tf.export import saved_model
   path, step = saved_model.export_workdir(cfg.workdir, cfg.export_dir, cfg.checkpoint,
                                           overwrite=cfg.overwrite, onnx=cfg.onnx,

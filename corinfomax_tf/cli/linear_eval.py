@@ -32,6 +32,7 @@ def define_flags():
 def main(flag_values):
   from corinfomax_tf import config as config_lib
   cfg = config_lib.linear_eval_from_flags(flag_values)
+  runner.start_tensorflow()
   from corinfomax_tf.data import datasets
   from corinfomax_tf.evaluation import linear
   from corinfomax_tf.export import saved_model

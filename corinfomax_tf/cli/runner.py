@@ -11,9 +11,14 @@ line starts with `preempted:`). Anything else is a bug and keeps its traceback.
 
 import os
 import sys
+import textwrap
 
-# Before TensorFlow is imported: keep its C++ start-up chatter (INFO) off the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+from corinfomax_tf import errors
+# Imported before the level is set below: it records whether the user set one.
+from corinfomax_tf import quiet
+
+# TensorFlow's C++ logging below ERROR is off unless the user set a level.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def prefer_wide_cpu_vectors(cpuinfo="/proc/cpuinfo"):
@@ -36,7 +41,12 @@ def prefer_wide_cpu_vectors(cpuinfo="/proc/cpuinfo"):
 
 prefer_wide_cpu_vectors()
 
-from corinfomax_tf import errors  # noqa: E402
+
+def start_tensorflow():
+  """Imports TensorFlow with its C++ start-up lines kept off stderr (`quiet`).
+  Commands call it after their flags are checked, so a bad flag costs no TensorFlow
+  start-up."""
+  quiet.start_tensorflow()
 
 
 def log(line):
@@ -50,20 +60,74 @@ def fail(error):
   sys.exit(error.exit_code)
 
 
+HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
+
+
+def program_name(main):
+  """How the user called the command: `corinfomax train` (the dispatcher sets it) or
+  `python -m corinfomax_tf.train`."""
+  name = sys.argv[0] if sys.argv else ""
+  if name.startswith("corinfomax "):
+    return name
+  return f"python -m corinfomax_tf.{main.__module__.rsplit('.', 1)[-1]}"
+
+
+def _flag_lines(flag):
+  value = flag.default
+  if isinstance(value, (list, tuple)):
+    value = ",".join(str(v) for v in value)
+  if isinstance(value, bool):
+    head = f"  --[no]{flag.name} (default: {str(value).lower()})"
+  else:
+    shown = "none" if value is None else repr(value) if isinstance(value, str) else value
+    head = f"  --{flag.name} (default: {shown})"
+  text = flag.help or ""
+  return [head] + textwrap.wrap(text, 84, initial_indent="      ", subsequent_indent="      ")
+
+
+def help_text(main, own_flags):
+  """The command's usage: its docstring and its own flags, grouped by config section
+  (the flags absl and TensorFlow define are left to --helpfull)."""
+  from corinfomax_tf import flags as flags_lib
+  doc = (sys.modules[main.__module__].__doc__ or "").strip("\n")
+  lines = [f"usage: {program_name(main)} [--flagfile=FILE] [--name=value ...]", ""]
+  if doc:
+    lines += [doc.rstrip(), ""]
+  groups = {}
+  for flag in own_flags:
+    groups.setdefault(flags_lib.GROUPS.get(flag.name, "command"), []).append(flag)
+  for title, members in groups.items():
+    lines.append(f"{title} flags:")
+    for flag in members:
+      lines += _flag_lines(flag)
+    lines.append("")
+  lines.append("--flagfile=FILE reads flags from a file (configs/<name>.cfg names a shipped "
+               "one); --helpfull lists every flag, absl's own included.")
+  return "\n".join(lines)
+
+
 def run(main, define_flags, *, quiet_level="warning", required=()):
   """Defines the flags, parses argv and runs `main(FLAGS)` under the error policy.
 
-  `required`: (flag, what it must be) pairs that must be given.
+  `--help` prints the command's own flags and exits 0 before anything else (no
+  TensorFlow). `required`: (flag, what it must be) pairs that must be given.
   """
   from absl import app
   from absl import flags
   from absl import logging
 
   from corinfomax_tf import flags as flags_lib
+  absl_own = set(flags.FLAGS)
   define_flags()
+  if any(arg in HELP_ARGS for arg in sys.argv[1:]):
+    print(help_text(main, [flags.FLAGS[name] for name in flags.FLAGS
+                           if name not in absl_own]))
+    sys.exit(0)
 
   def wrapped(argv):
-    if not flags.FLAGS["verbosity"].present:
+    if flags.FLAGS["verbosity"].present:
+      quiet.show_everything()
+    else:
       logging.set_verbosity(quiet_level)
     try:
       if len(argv) > 1:

@@ -36,6 +36,7 @@ def main(flag_values):
 
   from corinfomax_tf import config as config_lib
   from corinfomax_tf import flags as flags_lib
+  runner.start_tensorflow()
   from corinfomax_tf.tuning import sweep as sweep_lib
   own = {f.name: flag_values[f.name].value for f in dataclasses.fields(config_lib.SweepConfig)
          if f.name not in ("workdir", "search", "train")}

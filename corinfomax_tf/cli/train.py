@@ -17,8 +17,9 @@ def main(flag_values):
   from corinfomax_tf import config as config_lib
   from corinfomax_tf import flags as flags_lib
   cfg = config_lib.from_flags(flag_values)
-  # TensorFlow is imported only now, after validation: a bad flag costs no
-  # TensorFlow start-up, and logical CPU devices can still be configured.
+  # TensorFlow starts only now, after validation: a bad flag costs no TensorFlow
+  # start-up, and logical CPU devices can still be configured.
+  runner.start_tensorflow()
   from corinfomax_tf.training import pretraining
   pretraining.PretrainingJob(cfg, flags_lib.resolved_flagfile(flag_values),
                              log=runner.log).run()

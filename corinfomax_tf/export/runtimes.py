@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 from corinfomax_tf import errors
+from corinfomax_tf import quiet
 
 ONNX_FILE = "encoder.onnx"
 LITERT_FILE = "encoder.tflite"
@@ -121,7 +122,8 @@ def write_runtime_files(backbone, metadata, directory, *, onnx=True, litert=True
       continue
     path = os.path.join(directory, file_name)
     try:
-      write(model, path, size)
+      with quiet.converter_warnings():
+        write(model, path, size)
       out[name] = file_name
     except Exception as e:  # noqa: BLE001  (any converter failure is reported, not fatal)
       reason = " ".join(str(e).split())[:300] or type(e).__name__
@@ -159,8 +161,9 @@ def run_onnx(path, images, threads=0):
 def run_litert(path, images):
   """Features of uint8 `images` by the LiteRT interpreter, RUNTIME_BATCH at a time."""
   from ai_edge_litert.interpreter import Interpreter
-  interpreter = Interpreter(model_path=path)
-  interpreter.allocate_tensors()
+  with quiet.filtered_stderr(quiet.LITERT):
+    interpreter = Interpreter(model_path=path)
+    interpreter.allocate_tensors()
   source = interpreter.get_input_details()[0]
   target = interpreter.get_output_details()[0]
   batch = int(source["shape"][0])

@@ -8,21 +8,7 @@ L2-normalised per sample: the reference normalises before the loss.
 import keras
 from keras import ops
 
-
-def parse_projector_spec(spec):
-  """"2048-2048-64" -> (2048, 2048, 64); raises ValueError naming the spec."""
-  if not isinstance(spec, str) or not spec.strip():
-    raise ValueError("projector must be a string of layer widths such as "
-                     f"'2048-2048-64'. Received: projector={spec!r}")
-  try:
-    widths = tuple(int(part) for part in spec.strip().split("-"))
-  except ValueError:
-    raise ValueError("projector must be positive integers joined by '-', such as "
-                     f"'2048-2048-64'. Received: projector={spec!r}") from None
-  if any(w < 1 for w in widths):
-    raise ValueError("projector widths must be positive. "
-                     f"Received: projector={spec!r}")
-  return widths
+from corinfomax_tf.models.specs import parse_projector_spec  # noqa: F401 (re-exported)
 
 
 @keras.saving.register_keras_serializable(package="corinfomax_tf")

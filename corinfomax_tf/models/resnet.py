@@ -15,12 +15,8 @@ written so far.
 
 import keras
 
-BLOCKS = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-}
-STEMS = ("cifar", "imagenet")
+from corinfomax_tf.models.specs import BLOCKS, STEMS, parse_projector_spec  # noqa: F401
+
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 
