@@ -17,10 +17,10 @@ import json
 import os
 import re
 
+from corinfomax_tf import errors
 from corinfomax_tf.data import views
 from corinfomax_tf.method import loss_args
 from corinfomax_tf.models import specs
-from corinfomax_tf import errors
 
 NORMALIZATIONS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
@@ -450,18 +450,17 @@ def _data_section(f):
 
 def _model_section(f):
   """(ModelConfig, projector output dimension D)."""
-  from corinfomax_tf.models import factory
   computed = {}
   if f.backbone_config:
     _check(f.backbone == "resnet", "backbone_config", f.backbone_config,
            f"and --backbone={f.backbone} name two backbones; keep one")
-    factory.read_backbone_config(f.backbone_config)   # one line naming the file
-  elif factory.is_resnet(f.backbone) and factory.RESNETS[f.backbone]:
-    depth = factory.RESNETS[f.backbone]
+    specs.read_backbone_config(f.backbone_config)   # one line naming the file
+  elif specs.is_resnet(f.backbone) and specs.RESNETS[f.backbone]:
+    depth = specs.RESNETS[f.backbone]
     _check(not _given(f, "depth") or f.depth == depth, "depth", f.depth,
            f"contradicts --backbone={f.backbone}; keep one")
     computed["depth"] = depth
-  elif not factory.is_resnet(f.backbone):
+  elif not specs.is_resnet(f.backbone):
     _check(bool(f.backbone.strip()), "backbone", "''",
            "must name a backbone: resnet18, resnet34, resnet50 or a keras-hub preset")
   depth = computed.get("depth", f.depth)

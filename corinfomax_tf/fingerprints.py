@@ -14,10 +14,11 @@ replaced are noticed.
 import hashlib
 import os
 
+import numpy as np
+
 
 def weights_digest(variables):
   """sha256 (hex, 16 characters) of the variables' shapes, dtypes and values, in order."""
-  import numpy as np
   digest = hashlib.sha256()
   for variable in variables:
     value = np.ascontiguousarray(np.asarray(variable))

@@ -13,6 +13,15 @@ import os
 import tempfile
 import time
 
+import numpy as np
+import sklearn.datasets
+import tensorflow as tf
+from PIL import Image
+
+from corinfomax_tf import errors
+from corinfomax_tf.data import datasets
+from corinfomax_tf.data import datasets as data_lib
+
 # ImageNet's most common (height, width) pairs, with weights close to their shares.
 IMAGENET_SHAPES = (((375, 500), 0.45), ((500, 375), 0.15), ((333, 500), 0.12),
                    ((500, 333), 0.05), ((400, 500), 0.08), ((480, 640), 0.08),
@@ -22,9 +31,6 @@ JPEG_QUALITY = 95
 
 def imagenet_like_folder(count, seed=0, root=None):
   """A folder of `count` ImageNet-like JPEGs (made once; reused when complete)."""
-  import numpy as np
-  import sklearn.datasets
-  from PIL import Image
   root = root or os.path.join(tempfile.gettempdir(),
                               f"corinfomax_tf_imagenet_like_{count}_{seed}")
   done = os.path.join(root, ".complete")
@@ -98,9 +104,7 @@ def alternating_rates(datasets, images_per_element, elements, rounds=5):
 def decode_dataset(paths, batch_size):
   """Plain read + decode of every file, as the training pipeline decodes it (batched
   as their shapes, since the images' sizes differ)."""
-  import tensorflow as tf
 
-  from corinfomax_tf.data import datasets
   ds = tf.data.Dataset.from_tensor_slices((paths, tf.zeros(len(paths), tf.int64)))
   ds = datasets.decode_skipping_errors(ds.repeat()).map(lambda image, _: tf.shape(image))
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -109,9 +113,7 @@ def decode_dataset(paths, batch_size):
 def time_input_only(cfg, *, batch_size=64, batches=10, images=256, rounds=5, root=None):
   """Plain JPEG decode and the full two-view pipeline at cfg's image size and
   augmentation, on an ImageNet-like folder, images/s per core and their ratio."""
-  import numpy as np
 
-  from corinfomax_tf.data import datasets
   folder = imagenet_like_folder(images, root=root)
   source = datasets.load_source("images", image_size=cfg.data.image_size, data_dir=folder)
   paths = list(source.scans[0].paths)
@@ -146,10 +148,7 @@ def time_input_only(cfg, *, batch_size=64, batches=10, images=256, rounds=5, roo
 
 def synthetic_source(image_size, count=4096):
   """Random uint8 images of the training size, for when the data set is absent."""
-  import numpy as np
-  import tensorflow as tf
 
-  from corinfomax_tf.data import datasets as data_lib
   rs = np.random.RandomState(0)
   images = rs.randint(0, 256, (count, image_size, image_size, 3)).astype(np.uint8)
   labels = np.zeros(count, np.int64)
@@ -162,10 +161,7 @@ def time_pipeline(cfg, batch_size, batches, workers=1):
   and (workers > 1) worker 0's pipeline when `workers` workers share each global
   batch, i.e. how fast one worker feeds its part. The source is loaded as training
   loads it (an image folder is decoded per step unless --cache)."""
-  import tensorflow as tf
 
-  from corinfomax_tf import errors
-  from corinfomax_tf.data import datasets as data_lib
   d = cfg.data
   try:
     source = data_lib.load_source(d.dataset, **{**d.source_kwargs(), "tfds_download": False})

@@ -14,6 +14,10 @@ import tempfile
 import time
 
 import numpy as np
+import tensorflow as tf
+
+from corinfomax_tf.export import runtimes, saved_model
+from corinfomax_tf.models import factory
 
 
 def _seconds(fn, images):
@@ -23,11 +27,7 @@ def _seconds(fn, images):
 
 
 def time_case(depth, size, batch_size=64, rounds=5):
-  import tensorflow as tf
 
-  from corinfomax_tf.export import runtimes
-  from corinfomax_tf.export import saved_model
-  from corinfomax_tf.models import factory
   stem = "cifar" if size <= 64 else "imagenet"
   backbone = factory.encoder(depth, stem, 64)
   metadata = {"format": saved_model.FORMAT, "image_size": size, "step": 0,

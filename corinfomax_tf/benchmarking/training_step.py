@@ -7,10 +7,19 @@ See corinfomax_tf/cli/benchmark.py for what is measured and how.
 import resource
 import time
 
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.profiler import model_analyzer, option_builder
+
+from corinfomax_tf.benchmarking import input_pipeline
+from corinfomax_tf.method import losses
+from corinfomax_tf.method import model as ssl_model
+from corinfomax_tf.training import schedules
+
 
 def peak_memory():
   """(bytes, what): GPU peak when a GPU is used, else the process's peak RSS."""
-  import tensorflow as tf
   if tf.config.list_physical_devices("GPU"):
     return tf.config.experimental.get_memory_info("GPU:0")["peak"], "gpu_peak_bytes"
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss_bytes"
@@ -27,7 +36,6 @@ def matmul_dtype(mixed_precision):
 def matmul_flops_per_second(n, repeats=5, rounds=3, dtype="float32"):
   """Best of `rounds` timings of `repeats` n x n matmuls in `dtype`: the machine's
   attainable dense rate, the denominator of the utilisation."""
-  import tensorflow as tf
   a = tf.cast(tf.random.normal((n, n)), dtype)
   b = tf.cast(tf.random.normal((n, n)), dtype)
   fn = tf.function(lambda a, b: tf.matmul(a, b))
@@ -44,9 +52,6 @@ def matmul_flops_per_second(n, repeats=5, rounds=3, dtype="float32"):
 
 def forward_flops_per_image(model, image_size):
   """FLOPs of encoder + projector forward for one image, from the graph."""
-  import tensorflow as tf
-  from tensorflow.python.profiler import model_analyzer
-  from tensorflow.python.profiler import option_builder
 
   @tf.autograph.experimental.do_not_convert
   def forward(x):
@@ -60,12 +65,7 @@ def forward_flops_per_image(model, image_size):
 
 def time_train_step(cfg, batch_size, steps, warmup, jit):
   """Builds the real model and times its train_step on a fixed batch."""
-  import keras
-  import numpy as np
-  import tensorflow as tf
 
-  from corinfomax_tf.training import schedules
-  from corinfomax_tf.method import model as ssl_model
   keras.utils.set_random_seed(cfg.train.seed)
   model = ssl_model.build_pretraining_model(cfg.model, cfg.loss)
   optimizer = schedules.ReferenceSGD(cfg.optim.lr, momentum=cfg.optim.momentum,
@@ -99,10 +99,7 @@ def time_train_step(cfg, batch_size, steps, warmup, jit):
 
 def time_loss(dim, batch_size, repeats=5):
   """Covariance updates + two log-determinants, forward and backward, at D = dim."""
-  import numpy as np
-  import tensorflow as tf
 
-  from corinfomax_tf.method import losses
   rs = np.random.RandomState(0)
   z1 = tf.math.l2_normalize(tf.constant(rs.randn(batch_size, dim), tf.float32), 1)
   z2 = tf.math.l2_normalize(tf.constant(rs.randn(batch_size, dim), tf.float32), 1)
@@ -127,9 +124,7 @@ def time_loss(dim, batch_size, repeats=5):
 
 def run_benchmark(cfg, *, batch_size, steps, warmup, jit, loss_dims, pipeline_batches,
                   matmul_size, pipeline_workers=1):
-  import tensorflow as tf
 
-  from corinfomax_tf.benchmarking import input_pipeline
   result = {"config": {"depth": cfg.model.depth, "stem": cfg.model.stem,
                        "width": cfg.model.width, "projector": cfg.model.projector,
                        "image_size": cfg.data.image_size, "batch_size": batch_size,

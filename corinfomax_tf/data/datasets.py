@@ -18,14 +18,21 @@ Errors a user can cause raise errors.DataError, whose message names the flag or 
 import dataclasses
 import os
 import re
+import signal
 import socket
+import threading
+import time
+import uuid
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
-from corinfomax_tf.data import augment
-from corinfomax_tf.data import image_folder
+from corinfomax_tf import config as config_lib
 from corinfomax_tf import errors
+from corinfomax_tf.data import augment, image_folder
 
 DIGITS_NUM_CLASSES = 10
 # A tfds set whose decoded train split fits in this many bytes is cached decoded.
@@ -79,8 +86,6 @@ class Source:
 
 def digits_arrays(image_size):
   """The digits set as uint8 arrays, stratified 80/20 split with a fixed seed."""
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
   digits = load_digits()
   images = (digits.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
   images = tf.image.resize(images, (image_size, image_size), method="bicubic")
@@ -163,7 +168,6 @@ def _download(builder, name, data_dir, download):
 
 
 def tfds_source(name, data_dir, train_split, test_split, download):
-  import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises several types for unknown names
@@ -514,10 +518,6 @@ def wait_for_service_worker(address, log=print, report_every=30.0, first_report=
   one-element probe job waits in a daemon thread while this thread says what it
   waits for, and a SIGTERM or SIGINT ends the wait (errors.Preempted: exit 143).
   """
-  import signal
-  import threading
-  import time
-  import uuid
   done, failure = threading.Event(), []
 
   def probe():
@@ -571,7 +571,6 @@ def resolve_image_size(data_cfg, metadata, log=print):
   """`data_cfg` (a config.DataConfig) at the encoder's training size (image_size 0:
   not given), or at the size the user gave, with one line when it differs from
   training; a backbone built for one input size (a ViT) is refused any other."""
-  import dataclasses
   trained = metadata["image_size"]
   size = data_cfg.image_size or trained
   if size != trained:
@@ -745,7 +744,6 @@ def source_from_dataset(images, *, name="python", num_images=None, num_classes=0
 
 def normalization_of(normalization):
   """("imagenet" | "cifar10" | ... | (mean, std)) -> (mean tuple, std tuple)."""
-  from corinfomax_tf import config as config_lib
   if isinstance(normalization, str):
     if normalization not in config_lib.NORMALIZATIONS:
       raise ValueError(f"normalization must be one of {sorted(config_lib.NORMALIZATIONS)} "

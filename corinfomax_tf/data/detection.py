@@ -27,9 +27,11 @@ import os
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
 
-from corinfomax_tf.data import datasets as data_lib
 from corinfomax_tf import errors
+from corinfomax_tf.data import datasets as data_lib
 
 GENERATED = "generated"
 COCO_JSON = "coco_json"
@@ -84,7 +86,6 @@ def _background(rs, size):
 def generate_detection_arrays(num_images, *, image_size=48, split="train", seed=0,
                               max_objects=3, min_size=12, max_size=22, max_boxes=4):
   """(images uint8 (N, S, S, 3), boxes (N, max_boxes, 4), labels (N, max_boxes))."""
-  from PIL import Image
   (x_tr, y_tr), (x_te, y_te) = data_lib.digits_arrays(8)
   glyphs, classes = (x_tr, y_tr) if split == "train" else (x_te, y_te)
   rs = np.random.RandomState(seed * 2 + (split != "train"))
@@ -274,7 +275,6 @@ def coco_json_source(train_annotations, train_images, test_annotations, test_ima
 
 def tfds_detection_source(name, data_dir, train_split, test_split, *, image_size,
                           max_boxes):
-  import tensorflow_datasets as tfds
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     raise errors.DataError(

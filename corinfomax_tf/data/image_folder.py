@@ -32,6 +32,10 @@ import collections
 import concurrent.futures
 import dataclasses
 import os
+
+import tensorflow as tf
+from PIL import Image
+
 from corinfomax_tf import errors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -108,7 +112,6 @@ def check_file(path, check="header", max_pixels=DEFAULT_MAX_PIXELS):
     return "empty_file", "0 bytes"
   if check == "none":
     return None, ""
-  from PIL import Image
   try:
     with Image.open(path) as image:
       image_format, mode, (width, height) = image.format, image.mode, image.size
@@ -135,7 +138,6 @@ def check_file(path, check="header", max_pixels=DEFAULT_MAX_PIXELS):
 
 def _tf_decode_problem(path):
   """The training decoder's own verdict (PIL forgives some files it rejects)."""
-  import tensorflow as tf
   try:
     tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
   except tf.errors.OpError as e:

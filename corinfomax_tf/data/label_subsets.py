@@ -15,8 +15,7 @@ import os
 
 import numpy as np
 
-from corinfomax_tf import atomic_files
-from corinfomax_tf import errors
+from corinfomax_tf import atomic_files, errors
 
 SUBSET_FILE = "label_subset.json"
 

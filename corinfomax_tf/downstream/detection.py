@@ -15,6 +15,18 @@ import math
 import time
 import weakref
 
+import keras
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageDraw
+
+from corinfomax_tf import errors
+from corinfomax_tf.evaluation import detection_metrics
+from corinfomax_tf.export import saved_model
+from corinfomax_tf.models import detector as detector_lib
+from corinfomax_tf.training import epochs as epochs_lib
+from corinfomax_tf.training import schedules
+
 RESULT_FILE = "detect.json"
 # Training images whose mAP is measured beside the test split's.
 TRAIN_EVAL_IMAGES = 128
@@ -29,14 +41,11 @@ _DETECT_FUNCTIONS = weakref.WeakKeyDictionary()
 
 
 def as_float_images(images):
-  import tensorflow as tf
   return tf.cast(images, tf.float32) / 255.0
 
 
 def predict_boxes(detector, dataset, batch_size):
   """[(boxes, scores, labels)] and [(gt boxes, gt labels)] per test image."""
-  import numpy as np
-  import tensorflow as tf
   predictions, ground_truths = [], []
   size = float(detector.input_shape[1])
 
@@ -63,7 +72,6 @@ def predict_boxes(detector, dataset, batch_size):
 
 
 def evaluate_map(detector, dataset, num_classes, batch_size=32):
-  from corinfomax_tf.evaluation import detection_metrics
   predictions, ground_truths = predict_boxes(detector, dataset, batch_size)
   result = detection_metrics.coco_map(predictions, ground_truths, num_classes)
   result["detections_per_image"] = float(sum(len(p[1]) for p in predictions) /
@@ -75,9 +83,6 @@ def detection_picture(images, predictions, ground_truths, class_names, min_score
                       scale=4):
   """One row of images, enlarged `scale` times: true boxes in green, predictions of
   confidence >= min_score in red with class and confidence. uint8 (H, W, 3)."""
-  import numpy as np
-  from PIL import Image
-  from PIL import ImageDraw
   tiles = []
   for image, (boxes, scores, labels), (true_boxes, true_labels) in zip(
       images, predictions, ground_truths):
@@ -100,9 +105,6 @@ def detection_picture(images, predictions, ground_truths, class_names, min_score
 def write_picture(detector, test, class_names, workdir, step, count=8):
   """The picture of the first `count` test images: <workdir>/detections.png and
   TensorBoard (eval/detection/test_images)."""
-  import numpy as np
-  import tensorflow as tf
-  from PIL import Image
   sample = test.take(count)
   predictions, truths = predict_boxes(detector, sample, count)
   images = [image.numpy() for image, _ in sample]
@@ -123,7 +125,6 @@ def write_picture(detector, test, class_names, workdir, step, count=8):
 def training_batches(source, batch_size, seed, start_epoch, epochs):
   """The training batches of epochs start_epoch+1 .. epochs, each epoch shuffled from
   (seed, epoch) alone: a resumed run sees what an uninterrupted one would have."""
-  import tensorflow as tf
   train = source.train.cache() if source.num_train <= 20000 else source.train
   train = train.map(lambda image, target: (as_float_images(image), target),
                     num_parallel_calls=tf.data.AUTOTUNE)
@@ -141,10 +142,7 @@ def training_batches(source, batch_size, seed, start_epoch, epochs):
 
 def _epoch_end(run, evaluate, cfg, images_per_epoch, log):
   """The callback closing each epoch: guard, log line, mAP, progress, checkpoint."""
-  import keras
-  import tensorflow as tf
 
-  from corinfomax_tf import errors
   eval_writer = tf.summary.create_file_writer(run.workdir.join("eval"))
 
   class EpochEnd(keras.callbacks.Callback):
@@ -187,9 +185,7 @@ def _epoch_end(run, evaluate, cfg, images_per_epoch, log):
 def _report_anchor_coverage(detector, source, cfg, log):
   """Logs (and returns) the share of training boxes that some anchor matches at IoU
   0.5; warns below 90%: the others are never learned as objects."""
-  import numpy as np
 
-  from corinfomax_tf.models import detector as detector_lib
   boxes = []
   for _, target in source.train.take(COVERAGE_IMAGES):
     labels = target["labels"].numpy()
@@ -208,8 +204,6 @@ def _report_anchor_coverage(detector, source, cfg, log):
 
 
 def _detector_and_optimizer(encoder, metadata, num_classes, steps_per_epoch, cfg):
-  from corinfomax_tf.models import detector as detector_lib
-  from corinfomax_tf.training import schedules
   detector = detector_lib.build_detector(
       encoder, metadata, num_classes, image_size=cfg.data.image_size,
       min_level=cfg.min_level, max_level=cfg.max_level, anchor_size=cfg.anchor_size,
@@ -230,12 +224,7 @@ def _detector_and_optimizer(encoder, metadata, num_classes, steps_per_epoch, cfg
 def run_detection(encoder, metadata, source, cfg, log=print):
   """Fine-tunes (or resumes) a RetinaNet on `encoder` as `cfg` (a config.DetectConfig)
   says; returns the result dict (detect.json)."""
-  import keras
-  import tensorflow as tf
 
-  from corinfomax_tf import errors
-  from corinfomax_tf.export import saved_model
-  from corinfomax_tf.training import epochs as epochs_lib
   if cfg.deterministic:
     tf.config.experimental.enable_op_determinism()
   steps_per_epoch = source.num_train // cfg.batch_size

@@ -16,6 +16,18 @@ uninterrupted one does.
 
 import time
 
+import keras
+import numpy as np
+import tensorflow as tf
+
+from corinfomax_tf import errors
+from corinfomax_tf.data import augment, label_subsets
+from corinfomax_tf.evaluation import probes
+from corinfomax_tf.export import saved_model
+from corinfomax_tf.models import backbone as backbone_lib
+from corinfomax_tf.training import epochs as epochs_lib
+from corinfomax_tf.training import schedules
+
 RESULT_FILE = "finetune.json"
 
 
@@ -26,7 +38,6 @@ RESULT_FILE = "finetune.json"
 
 def train_labels(source):
   """Labels of the training split in its fixed order (what subset indices refer to)."""
-  import numpy as np
   if source.scans:  # image folders: known without reading a pixel
     return np.asarray(source.scans[0].labels, np.int64)
   labels = source.train.map(lambda image, label: label)
@@ -37,8 +48,6 @@ def labelled_examples(source, indices):
   """The labelled (image, label) examples, in the training split's order; cached
   decoded when the source is small, so that later epochs neither re-read the split
   nor re-filter it."""
-  import numpy as np
-  import tensorflow as tf
   mask = np.zeros(source.num_train, bool)
   mask[indices] = True
   mask = tf.constant(mask)
@@ -51,9 +60,7 @@ def labelled_images(examples, num_labelled, *, image_size, batch_size, crop_min_
                     hflip_prob, seed, epoch):
   """One epoch of augmented labelled batches; a function of (seed, epoch) alone, so
   a resumed run sees what an uninterrupted one would have."""
-  import tensorflow as tf
 
-  from corinfomax_tf.data import augment
   ds = examples.shuffle(num_labelled, seed=seed * 100_003 + epoch)
   seeds = tf.data.Dataset.random(seed=seed * 100_003 + epoch)
 
@@ -73,9 +80,7 @@ def labelled_images(examples, num_labelled, *, image_size, batch_size, crop_min_
 
 
 def evaluate(encoder, head, dataset, mean, std):
-  import numpy as np
 
-  from corinfomax_tf.evaluation import probes
   scores, labels = [], []
   for images, y in dataset:
     scores.append(head(encoder((images - mean) / std, training=False)).numpy())
@@ -85,9 +90,7 @@ def evaluate(encoder, head, dataset, mean, std):
 
 def _model(encoder, num_classes, steps_per_epoch, cfg):
   """The head and the two optimizers (backbone, head), built."""
-  import keras
 
-  from corinfomax_tf.training import schedules
   keras.utils.set_random_seed(cfg.seed)
   head = keras.layers.Dense(num_classes, name="head")
   head.build((None, encoder.feature_dim))
@@ -104,7 +107,6 @@ def _model(encoder, num_classes, steps_per_epoch, cfg):
 
 
 def _train_step(encoder, head, opt_backbone, opt_head, mean, std):
-  import tensorflow as tf
 
   @tf.function(reduce_retracing=True)
   def train_step(images, labels):
@@ -123,10 +125,7 @@ def _train_step(encoder, head, opt_backbone, opt_head, mean, std):
 
 def _train_epoch(train_step, batches, epoch, workdir):
   """(losses, correct, seen) of one epoch; a non-finite loss stops before any save."""
-  import numpy as np
-  import tensorflow as tf
 
-  from corinfomax_tf import errors
   losses, correct, seen = [], 0, 0
   for images, labels in batches:
     labels = tf.cast(labels, tf.int64)
@@ -146,14 +145,7 @@ def run_finetune(backbone, metadata, source, cfg, log=print):
   """Fine-tunes (or resumes) `backbone` (a CorInfoMaxBackbone: normalised images in),
   pooled, + a linear head as `cfg` (a config.FinetuneConfig) says; returns the result
   dict, also written to <workdir>/finetune.json."""
-  import numpy as np
-  import tensorflow as tf
 
-  from corinfomax_tf.data import label_subsets
-  from corinfomax_tf.evaluation import probes
-  from corinfomax_tf.export import saved_model
-  from corinfomax_tf.models import backbone as backbone_lib
-  from corinfomax_tf.training import epochs as epochs_lib
   encoder = backbone_lib.pooled_model(backbone)
   if cfg.deterministic:
     tf.config.experimental.enable_op_determinism()

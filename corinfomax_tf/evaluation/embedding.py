@@ -11,6 +11,11 @@ import math
 import os
 
 import numpy as np
+import tensorflow as tf
+from PIL import Image
+from tensorboard.plugins import projector
+
+from corinfomax_tf.evaluation import probes
 
 ARRAYS_FILE = "embeddings.npz"
 METADATA_FILE = "metadata.tsv"
@@ -79,9 +84,7 @@ def embed(encoder, dataset, thumbnail=0):
   Returns dict(features (n, d) float32, labels (n,) int64, paths (n,) str, thumbnails
   (n, t, t, 3) uint8 or None).
   """
-  import tensorflow as tf
 
-  from corinfomax_tf.evaluation import probes
   spec = dataset.element_spec[0]
   features = probes.batch_features(encoder, spec)
 
@@ -107,9 +110,6 @@ def embed(encoder, dataset, thumbnail=0):
 
 def write_projector(directory, features, lines, sprite_image=None, thumbnail=0):
   """The files `tensorboard --logdir directory` shows in its Projector tab."""
-  import tensorflow as tf
-  from PIL import Image
-  from tensorboard.plugins import projector
   with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as fh:
     fh.write("\n".join(lines) + "\n")
   for name in os.listdir(directory):  # an earlier run's matrix

@@ -4,13 +4,13 @@ Features of the training split (resize + centre crop, no augmentation) vote for 
 classes of the test images: the k most similar vote with weight exp(sim / T), as in
 Wu et al. (2018) and the SSL literature (k = 20 and 200, T = 0.07 by default).
 """
+from corinfomax_tf.evaluation import probes
 
 RESULT_FILE = "knn_eval.json"
 
 
 def run_knn_eval(encoder, source, *, image_size, ks=(20, 200), temperature=0.07):
   """{"k20_top1": ..., ...} in percent, with the split sizes."""
-  from corinfomax_tf.evaluation import probes
   train_x, train_y = probes.extract_features(encoder, probes.eval_images(source.train,
                                                                          image_size))
   test_x, test_y = probes.extract_features(encoder, probes.eval_images(source.test,

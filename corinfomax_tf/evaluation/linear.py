@@ -13,6 +13,15 @@ Every epoch's data order and augmentation are a function of (seed, epoch) alone 
 checkpoint (classifier, optimizer, epoch) is written after every epoch, so a killed
 run, rerun, ends where an uninterrupted one does.
 """
+import keras
+import numpy as np
+import tensorflow as tf
+
+from corinfomax_tf.data import augment
+from corinfomax_tf.evaluation import probes
+from corinfomax_tf.export import saved_model
+from corinfomax_tf.training import epochs as epochs_lib
+from corinfomax_tf.training import schedules
 
 RESULT_FILE = "linear_eval.json"
 
@@ -24,9 +33,7 @@ def _epoch_seed(seed, epoch):
 def augmented_images(examples, num_train, image_size, batch_size, crop_min_scale, seed,
                      epoch):
   """One epoch of random-resized-crop + flip training images, from (seed, epoch)."""
-  import tensorflow as tf
 
-  from corinfomax_tf.data import augment
   ds = examples.shuffle(min(10000, num_train), seed=_epoch_seed(seed, epoch))
   seeds = tf.data.Dataset.random(seed=_epoch_seed(seed, epoch))
 
@@ -40,9 +47,7 @@ def augmented_images(examples, num_train, image_size, batch_size, crop_min_scale
 
 def _training_stream(encoder, source, cfg):
   """(epoch -> dataset of (images or features, labels), whether it holds features)."""
-  import tensorflow as tf
 
-  from corinfomax_tf.evaluation import probes
   size, batch = cfg.data.image_size, cfg.batch_size
   if cfg.augment:
     examples = source.train.cache() if source.in_memory else source.train
@@ -61,7 +66,6 @@ def _training_stream(encoder, source, cfg):
 
 
 def _schedule(cfg, steps_per_epoch):
-  from corinfomax_tf.training import schedules
   if cfg.schedule == "cosine":
     # Stepped once per epoch, as the reference steps its CosineAnnealingLR.
     return schedules.WarmupCosine(base_lr=cfg.lr, total_steps=cfg.epochs, warmup_steps=0,
@@ -71,7 +75,6 @@ def _schedule(cfg, steps_per_epoch):
 
 
 def _train_step(head, optimizer):
-  import tensorflow as tf
 
   @tf.function(reduce_retracing=True)
   def train_step(features, labels):
@@ -89,7 +92,6 @@ def linear_head(num_classes, feature_dim):
   """The reference's classifier: one torch.nn.Linear, initialised as PyTorch does
   (kernel and bias uniform in +-1/sqrt(feature_dim); Keras' Dense would start from
   Glorot-uniform weights and a zero bias)."""
-  import keras
   bound = 1.0 / feature_dim ** 0.5
   head = keras.layers.Dense(
       num_classes, name="linear",
@@ -110,14 +112,7 @@ def protocol_of(cfg):
 def run_linear_eval(encoder, source, cfg, log=print):
   """Trains (or resumes) the linear classifier of `cfg` (a config.LinearEvalConfig);
   returns the result dict (top1/top5 in percent), also written to linear_eval.json."""
-  import keras
-  import numpy as np
-  import tensorflow as tf
 
-  from corinfomax_tf.evaluation import probes
-  from corinfomax_tf.export import saved_model
-  from corinfomax_tf.training import epochs as epochs_lib
-  from corinfomax_tf.training import schedules
   if cfg.deterministic:
     tf.config.experimental.enable_op_determinism()
   with epochs_lib.EpochRun.open(cfg, command="corinfomax_tf.linear_eval",

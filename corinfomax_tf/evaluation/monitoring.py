@@ -13,13 +13,13 @@ gradient path:
     variance left).
 """
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from PIL import Image
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
-import keras
+from corinfomax_tf.data import augment
 
 
 def eigenvalues(R):
@@ -164,7 +164,6 @@ class TrainingMonitor(keras.callbacks.Callback):
 
 def augmentation_preview(images, views, image_size, mean, std, seed=0):
   """A grid (uint8) with one row per image: the original, view 1, view 2."""
-  from corinfomax_tf.data import augment
   rows = []
   mean_arr = np.asarray(mean, np.float32)
   std_arr = np.asarray(std, np.float32)

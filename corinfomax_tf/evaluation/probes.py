@@ -9,6 +9,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from corinfomax_tf import errors
+from corinfomax_tf.data import datasets
+
 
 def batch_features(encoder, spec):
   """images (a batch of `spec`) -> NumPy pooled features: `encoder` (a Keras encoder or
@@ -66,13 +69,11 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, *, epochs=100,
 def eval_images(split, image_size, batch_size=256):
   """Resize-and-centre-crop float images in [0, 1], for an encoder that normalises
   inside (an export)."""
-  from corinfomax_tf.data import datasets
   return datasets.eval_dataset(split, batch_size=batch_size, image_size=image_size,
                                mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 def check_labels(labels, num_classes, split):
-  from corinfomax_tf import errors
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise errors.ConfigError(f"--{split}: labels in [{labels.min()}, {labels.max()}] do "
                              f"not fit {num_classes} classes")

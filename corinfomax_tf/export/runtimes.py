@@ -22,10 +22,19 @@ TOLERANCE; the tolerance and the measured difference go to the export metadata.
 
 import os
 
+import keras
 import numpy as np
+import onnxruntime
+import tensorflow as tf
+import tf2onnx
+from ai_edge_litert.interpreter import Interpreter
+from sklearn.datasets import load_digits
+from tensorflow.python.framework import convert_to_constants
+from tf2onnx import utils
+from tf2onnx.handler import tf_op
 
-from corinfomax_tf import errors
-from corinfomax_tf import quiet
+from corinfomax_tf import errors, fingerprints, quiet
+from corinfomax_tf.models import pooling
 
 ONNX_FILE = "encoder.onnx"
 LITERT_FILE = "encoder.tflite"
@@ -37,9 +46,7 @@ TOLERANCE = 1e-4
 
 def pixel_model(backbone, metadata):
   """uint8 pixels -> pooled features, the normalisation inside: a functional Keras model."""
-  import keras
 
-  from corinfomax_tf.models import pooling
   size = metadata["image_size"]
   mean = np.asarray(metadata["normalization"]["mean"], "float32")
   std = np.asarray(metadata["normalization"]["std"], "float32")
@@ -59,8 +66,6 @@ def _register_onnx_handlers():
   register erfc(x) = 1 - erf(x) through tf2onnx's own handler registry (once)."""
   if _ONNX_HANDLERS:
     return
-  from tf2onnx import utils
-  from tf2onnx.handler import tf_op
 
   @tf_op("Erfc")
   class Erfc:  # noqa: F841  (registered by the decorator)
@@ -81,9 +86,6 @@ def _write_onnx(model, path, size):
   """The model's function, frozen (variables and captured tensors as constants: some
   keras-hub layers capture tensors that `Model.export(format="onnx")` would leave as
   extra graph inputs), converted by tf2onnx's graph converter."""
-  import tensorflow as tf
-  import tf2onnx
-  from tensorflow.python.framework import convert_to_constants
   _register_onnx_handlers()
   try:  # tf2onnx 1.17 still uses NumPy 1 aliases; Keras' export applies the same patch
     from keras.src.export.tf2onnx_lib import patch_tf2onnx
@@ -103,7 +105,6 @@ def _write_onnx(model, path, size):
 
 
 def _write_litert(model, path, size):
-  import tensorflow as tf
   model.export(path, format="litert", verbose=False,
                input_signature=[tf.TensorSpec([RUNTIME_BATCH, size, size, 3], tf.uint8,
                                               name="images")])
@@ -137,7 +138,6 @@ def write_runtime_files(backbone, metadata, directory, *, onnx=True, litert=True
 
 def onnx_session(path, threads=0):
   """An ONNX Runtime session on the CPU (`threads`: intra-op threads, 0: every core)."""
-  import onnxruntime
   options = onnxruntime.SessionOptions()
   if threads:
     options.intra_op_num_threads = threads
@@ -160,7 +160,6 @@ def run_onnx(path, images, threads=0):
 
 def run_litert(path, images):
   """Features of uint8 `images` by the LiteRT interpreter, RUNTIME_BATCH at a time."""
-  from ai_edge_litert.interpreter import Interpreter
   with quiet.filtered_stderr(quiet.LITERT):
     interpreter = Interpreter(model_path=path)
     interpreter.allocate_tensors()
@@ -181,8 +180,6 @@ def run_litert(path, images):
 def check_images(size, count=16):
   """Real images for the runtime checks, at any size and with no download: scikit-learn's
   handwritten digits (grey 0..16, made RGB 0..255), resized to `size`, uint8."""
-  import tensorflow as tf
-  from sklearn.datasets import load_digits
   digits = load_digits().images[:count] * (255.0 / 16.0)
   rgb = np.repeat(digits[..., None], 3, axis=-1).astype("float32")
   resized = tf.image.resize(rgb, (size, size), method="bilinear").numpy()
@@ -198,7 +195,6 @@ def check_runtime_files(directory, files, images, want, log=print):
   with `want` (the SavedModel's features). Returns the metadata entry:
   {format: {"file", "runtime", "tolerance", "relative_difference", "batch_size",
   "input", "output"} or {"error"}}; raises errors.ExportError past the tolerance."""
-  from corinfomax_tf import errors
   runners = {"onnx": (run_onnx, "onnxruntime", None), "litert": (run_litert,
                                                                  "ai-edge-litert", RUNTIME_BATCH)}
   report = {}
@@ -237,8 +233,6 @@ class OnnxEncoder:
   outside_tensorflow = True
 
   def __init__(self, export_dir, metadata, threads=0):
-    from corinfomax_tf import errors
-    from corinfomax_tf import fingerprints
     path = os.path.join(export_dir, ONNX_FILE)
     if not os.path.isfile(path):
       why = metadata.get("runtimes", {}).get("onnx", {}).get("error", "exported without it")

@@ -37,8 +37,15 @@ import re
 import shutil
 
 import keras
+import keras_hub
+import numpy as np
 import tensorflow as tf
-from corinfomax_tf import errors
+
+from corinfomax_tf import errors, fingerprints
+from corinfomax_tf.export import runtimes
+from corinfomax_tf.models import backbone as backbone_lib  # (registers the class)
+from corinfomax_tf.models import factory, pooling
+from corinfomax_tf.training import workdir as workdir_lib
 
 METADATA_FILE = os.path.join("assets.extra", "corinfomax_tf.json")
 FORMAT = "corinfomax_tf.encoder.v1"
@@ -53,8 +60,6 @@ PRESET_DIR = "preset"
 def restore_encoder(workdir, checkpoint=None):
   """(encoder, config dict, step, checkpoint path) from a training workdir's newest
   intact (or the given) checkpoint; raises a UserError naming the workdir or file."""
-  from corinfomax_tf.models import factory
-  from corinfomax_tf.training import workdir as workdir_lib
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise errors.ExportError(f"--workdir={workdir}: no config.json (not a training workdir)")
@@ -83,7 +88,6 @@ def restore_encoder(workdir, checkpoint=None):
 
 
 def metadata_for(encoder, config, step, checkpoint_path=""):
-  from corinfomax_tf.models import factory
   data = config["data"]
   return {
       "format": FORMAT,
@@ -106,7 +110,6 @@ def metadata_for(encoder, config, step, checkpoint_path=""):
 def build_archive(backbone, metadata):
   """The SavedModel's endpoints: pooled features (the backbone ends with a feature
   map), the stage outputs, the metadata, and the variables."""
-  from corinfomax_tf.models import pooling
   mean = tf.constant(metadata["normalization"]["mean"], tf.float32)
   std = tf.constant(metadata["normalization"]["std"], tf.float32)
   encoder = pooling.pooled_model(backbone)
@@ -152,7 +155,6 @@ def build_archive(backbone, metadata):
 def _pyramid_model(backbone):
   """{"P2": ..., ...} feature maps: our ResNet's stage outputs, a keras-hub
   FeaturePyramidBackbone's pyramid; None for a backbone without one."""
-  from corinfomax_tf.models import backbone as backbone_lib
   if isinstance(backbone, backbone_lib.CorInfoMaxBackbone):
     return backbone_lib.stage_model(backbone)
   outputs = getattr(backbone, "pyramid_outputs", None)
@@ -280,7 +282,6 @@ def _write_step(backbone, metadata, export_dir, tmp, final, onnx, litert, log):
 def _runtime_files(backbone, metadata, directory, onnx, litert, log):
   """encoder.onnx / encoder.tflite in `directory`, run by their runtimes on real
   images and compared with the SavedModel written there; the metadata entry."""
-  from corinfomax_tf.export import runtimes
   files = runtimes.write_runtime_files(backbone, metadata, directory, onnx=onnx,
                                        litert=litert, log=log)
   images = runtimes.check_images(metadata["image_size"])
@@ -297,7 +298,6 @@ def _runtime_files(backbone, metadata, directory, onnx, litert, log):
 def has_preset_support(backbone):
   """keras-hub presets hold keras-hub `Backbone`s (ours is one); a plain keras.Model
   is exported as a SavedModel only."""
-  import keras_hub
   return isinstance(backbone, keras_hub.models.Backbone)
 
 
@@ -333,9 +333,7 @@ def load_preset(path):
   features = corinfomax_tf.pooled_model(backbone)((images01 - mean) / std)
   ```
   """
-  import keras_hub
 
-  from corinfomax_tf.models import backbone  # noqa: F401  (registers the class)
   preset = os.path.join(path, PRESET_DIR) if is_our_export(path) else path
   if not os.path.isfile(os.path.join(preset, "config.json")):
     raise errors.ExportError(f"--encoder={path}: holds no keras-hub preset (its backbone "
@@ -384,7 +382,6 @@ def encoder_identity(variables, metadata):
   """{"weights": digest of the encoder's weights, "step": its training step}: what a
   downstream result is keyed by (not the encoder's path, which may point elsewhere
   later)."""
-  from corinfomax_tf import fingerprints
   return {"weights": fingerprints.weights_digest(variables), "step": metadata.get("step")}
 
 
@@ -514,7 +511,6 @@ def load_encoder(path, runtime="tensorflow"):
     if kind != "export":
       raise errors.ExportError(f"--runtime=onnx: --encoder={path} is not an export (a "
                                "training workdir or preset has no encoder.onnx); export it")
-    from corinfomax_tf.export import runtimes
     return runtimes.OnnxEncoder(path, read_metadata(path))
   if kind == "export":
     metadata = read_metadata(path)
@@ -523,7 +519,6 @@ def load_encoder(path, runtime="tensorflow"):
                             owner=loaded)
     encoder.identity = encoder_identity(loaded.variables, metadata)
     return encoder
-  from corinfomax_tf.models import pooling
   if kind == "preset":
     backbone, metadata = load_preset(path)
   else:
@@ -562,9 +557,7 @@ def load_trainable_encoder(path):
 
 
 def _checked_preset_of_export(path):
-  import numpy as np
 
-  from corinfomax_tf.models import pooling
   read_metadata(path)  # one line if it is not an export of ours
   backbone, metadata = load_preset(path)
   size = metadata["image_size"]
@@ -605,9 +598,7 @@ def export_workdir(workdir, export_dir, checkpoint="", overwrite=False, *, onnx=
   tf.saved_model.load(path).signatures["serving_default"](images=uint8_images)
   ```
   """
-  import numpy as np
 
-  from corinfomax_tf.models import pooling
   backbone, config, step, checkpoint = restore_encoder(workdir, checkpoint or None)
   metadata = metadata_for(backbone, config, step, checkpoint)
   path = write_export(backbone, metadata, export_dir, overwrite=overwrite, onnx=onnx,

@@ -16,8 +16,6 @@ import tensorflow as tf
 
 from corinfomax_tf.method.loss_args import COVARIANCE_MODES, validate_loss_args  # noqa: F401
 
-
-
 # ----------------------------------------------------------------------------
 # Pure functions. Every argument is explicit; nothing here holds state.
 # ----------------------------------------------------------------------------

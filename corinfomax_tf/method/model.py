@@ -3,11 +3,10 @@
 import keras
 import tensorflow as tf
 
-from corinfomax_tf.training import distribute
 from corinfomax_tf.method import losses
-from corinfomax_tf.models import pooling
+from corinfomax_tf.models import factory, pooling
 from corinfomax_tf.models import projector as projector_lib
-from corinfomax_tf.models import factory
+from corinfomax_tf.training import distribute, schedules
 
 METRIC_NAMES = ("loss", "attraction", "cov")
 
@@ -138,7 +137,6 @@ class CorInfoMax(keras.Model):
         length).
       **kwargs: passed to `keras.Model.compile` (`jit_compile`, ...).
     """
-    from corinfomax_tf.training import schedules
     self._pending_schedule = None
     if isinstance(optimizer, str) and optimizer == "auto":
       optimizer, schedule = schedules.reference_optimizer(

@@ -21,7 +21,7 @@ The network is plain Keras: it runs on the TensorFlow, JAX and PyTorch backends.
 import keras
 from keras_hub.models import FeaturePyramidBackbone
 
-from corinfomax_tf.models import resnet
+from corinfomax_tf.models import pooling, resnet
 
 # The stride of each stage output, by stem.
 STAGE_STRIDES = {"cifar": {"P2": 1, "P3": 2, "P4": 4, "P5": 8},
@@ -88,7 +88,6 @@ class CorInfoMaxBackbone(FeaturePyramidBackbone):
 def pooled_model(backbone, name=None):
   """A model sharing the backbone's layers that returns globally average-pooled
   features (`pooling.pooled_model`, which takes any backbone)."""
-  from corinfomax_tf.models import pooling
   return pooling.pooled_model(backbone, name=name)
 
 

@@ -13,6 +13,7 @@ its first layer.
 import math
 
 import keras
+import keras_hub
 import numpy as np
 
 from corinfomax_tf import errors
@@ -55,7 +56,6 @@ def check_settings(stem, image_size, min_level=0, max_level=0):
 
 
 def anchor_generator(stem, min_level, max_level, anchor_size=0.0):
-  import keras_hub
   return keras_hub.layers.AnchorGenerator(
       "xyxy", min_level=min_level, max_level=max_level, num_scales=SCALES,
       aspect_ratios=list(ASPECT_RATIOS),
@@ -86,7 +86,6 @@ def build_detector(encoder, metadata, num_classes, *, image_size, min_level=0,
                    max_detections=100):
   """RetinaNetObjectDetector on `encoder` (a CorInfoMaxBackbone, shared, trainable),
   behind a normalisation layer: the detector takes images in [0, 1]."""
-  import keras_hub
   stem = metadata["architecture"]["stem"]
   min_level, max_level = check_settings(stem, image_size, min_level, max_level)
   mean = np.asarray(metadata["normalization"]["mean"], np.float32)

@@ -12,57 +12,38 @@ here, so that one architecture description means one network:
 import json
 import os
 
-from corinfomax_tf import errors
+import keras
+import keras_hub
 
-# --backbone values that name our ResNets (by depth; "resnet" takes --depth).
-RESNETS = {"resnet": None, "resnet18": 18, "resnet34": 34, "resnet50": 50}
+from corinfomax_tf import errors
+from corinfomax_tf.models import backbone as backbone_lib
+from corinfomax_tf.models import pooling
+from corinfomax_tf.models.specs import RESNETS, is_resnet, read_backbone_config  # noqa: F401
+
 ARCHITECTURE_FILE = "architecture.json"
 
 
 def encoder(depth, stem, width, *, name="encoder", sync_batch_norm=False, image_size=None):
   """A `backbone.CorInfoMaxBackbone`: the last feature map (pool it with
   `pooling.pooled_model`), `pyramid_outputs` for detection."""
-  from corinfomax_tf.models import backbone
-  return backbone.CorInfoMaxBackbone(depth=depth, stem=stem, width=width,
+  return backbone_lib.CorInfoMaxBackbone(depth=depth, stem=stem, width=width,
                                      image_size=image_size,
                                      sync_batch_norm=sync_batch_norm, name=name)
-
-
-def is_resnet(name):
-  return name in RESNETS
 
 
 def from_serialized(config, *, name=None):
   """A backbone from the dict `keras.saving.serialize_keras_object` wrote (new,
   randomly initialised weights)."""
-  import keras
   config = json.loads(json.dumps(config))   # never alter the caller's dict
   if name:
     config.setdefault("config", {})["name"] = name
   return keras.saving.deserialize_keras_object(config)
 
 
-def read_backbone_config(path, flag="--backbone_config"):
-  """The serialized backbone config of a JSON file, checked enough to name the file."""
-  try:
-    with open(path) as fh:
-      config = json.load(fh)
-  except OSError as e:
-    raise errors.ConfigError(f"{flag}={path}: cannot be read ({e.strerror})") from None
-  except ValueError as e:
-    raise errors.ConfigError(f"{flag}={path}: not JSON ({e})") from None
-  if not isinstance(config, dict) or "class_name" not in config:
-    raise errors.ConfigError(
-        f"{flag}={path}: not a serialized Keras object (expected the JSON that "
-        "keras.saving.serialize_keras_object writes, with a 'class_name')")
-  return config
-
-
 def backbone_from_file(path, flag="--backbone_config"):
   """The backbone a --backbone_config file describes; anything that is not a built
   keras.Model taking one image batch (an optimizer, a layer, a Sequential without
   an input) is one ConfigError naming the file."""
-  import keras
   config = read_backbone_config(path, flag)
   try:
     backbone = from_serialized(config)
@@ -91,8 +72,6 @@ def backbone_from_file(path, flag="--backbone_config"):
 def from_preset(preset, flag="--backbone"):
   """A keras-hub backbone with its weights, from a preset directory (an export of
   ours holds one under preset/) or a name keras-hub can fetch."""
-  import keras_hub
-  from corinfomax_tf.models import backbone as _  # noqa: F401  (registers our class)
   if os.path.isdir(os.path.join(preset, "preset")):
     preset = os.path.join(preset, "preset")
   if os.path.isdir(preset) and not os.path.isfile(os.path.join(preset, "config.json")):
@@ -144,8 +123,6 @@ def architecture(backbone):
   """What rebuilds the backbone (without its weights): the ResNet's depth, stem and
   width, or its serialized config; with the pooled feature dimension and how
   features are taken."""
-  from corinfomax_tf.models import backbone as backbone_lib
-  from corinfomax_tf.models import pooling
   shape = tuple(backbone.input.shape[1:3])
   info = {"feature_dim": pooling.feature_dim(backbone),
           "output": pooling.describe(backbone),
@@ -154,7 +131,6 @@ def architecture(backbone):
   if isinstance(backbone, backbone_lib.CorInfoMaxBackbone):
     return {"depth": backbone.depth, "stem": backbone.stem, "width": backbone.width,
             **info}
-  import keras
   return {"backbone": type(backbone).__name__,
           "backbone_config": json.loads(json.dumps(
               keras.saving.serialize_keras_object(backbone))), **info}
@@ -187,7 +163,6 @@ def encoder_from_architecture(architecture, *, name="encoder"):
 def random_encoder(architecture, seed, *, name="encoder"):
   """The same architecture from a random initialisation drawn from `seed`: the
   baseline a pretrained encoder has to beat."""
-  import keras
   keras.utils.set_random_seed(seed)
   return encoder_from_architecture(architecture, name=name)
 

@@ -1,6 +1,13 @@
-"""What the model flags may say, as plain Python (no TensorFlow): the ResNet depths
-and stems, and the projector's spec string. The command line checks flags with these
-before TensorFlow starts."""
+"""What the model flags may say, as plain Python (no TensorFlow): the ResNet names,
+depths and stems, the projector's spec string, a backbone config file's JSON. The
+command line checks flags with these before TensorFlow starts."""
+
+import json
+
+from corinfomax_tf import errors
+
+# --backbone values that name our ResNets (by depth; "resnet" takes --depth).
+RESNETS = {"resnet": None, "resnet18": 18, "resnet34": 34, "resnet50": 50}
 
 # ResNet depth -> (block kind, blocks per stage), as torchvision's.
 BLOCKS = {
@@ -25,3 +32,23 @@ def parse_projector_spec(spec):
     raise ValueError("projector widths must be positive. "
                      f"Received: projector={spec!r}")
   return widths
+
+
+def is_resnet(name):
+  return name in RESNETS
+
+
+def read_backbone_config(path, flag="--backbone_config"):
+  """The serialized backbone config of a JSON file, checked enough to name the file."""
+  try:
+    with open(path) as fh:
+      config = json.load(fh)
+  except OSError as e:
+    raise errors.ConfigError(f"{flag}={path}: cannot be read ({e.strerror})") from None
+  except ValueError as e:
+    raise errors.ConfigError(f"{flag}={path}: not JSON ({e})") from None
+  if not isinstance(config, dict) or "class_name" not in config:
+    raise errors.ConfigError(
+        f"{flag}={path}: not a serialized Keras object (expected the JSON that "
+        "keras.saving.serialize_keras_object writes, with a 'class_name')")
+  return config

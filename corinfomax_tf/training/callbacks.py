@@ -10,7 +10,9 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
+
 from corinfomax_tf import errors
+from corinfomax_tf.evaluation import probes as evaluation
 
 
 class StepValues:
@@ -293,7 +295,6 @@ class KNNMonitor(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     if (epoch + 1) % self.every:
       return
-    from corinfomax_tf.evaluation import probes as evaluation
     encoder = self.model.features
     train_x, train_y = evaluation.extract_features(encoder, self.train_ds)
     test_x, test_y = evaluation.extract_features(encoder, self.test_ds)

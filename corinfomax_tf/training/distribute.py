@@ -8,6 +8,7 @@ import json
 import os
 
 import tensorflow as tf
+
 from corinfomax_tf import errors
 
 
@@ -107,7 +108,6 @@ def is_chief(strategy):
 def value_of_first_replica(strategy, value):
   """`value` (an integer) as the process holding replica 0 passes it, on every
   worker: each worker passes its own, only replica 0's counts (one all-reduce)."""
-  import tensorflow as tf
 
   def contribution():
     ctx = tf.distribute.get_replica_context()

@@ -19,6 +19,8 @@ kill between the two loses nothing and repeats nothing.
 
 import contextlib
 
+import tensorflow as tf
+
 from corinfomax_tf import config as config_lib
 from corinfomax_tf import errors
 from corinfomax_tf.training import workdir as workdir_lib
@@ -79,7 +81,6 @@ class EpochRun:
   def restore(self, **tracked):
     """Tracks `tracked` (and the epoch) in the workdir's checkpoints, restores the
     newest intact one; returns the number of epochs already trained."""
-    import tensorflow as tf
     self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     self.checkpoints = self.workdir.checkpoints(
         tf.train.Checkpoint(**tracked, epoch=self._epoch), keep=self.cfg.keep_checkpoints)

@@ -8,14 +8,32 @@ result; this module owns what is particular to pretraining: the strategy, the
 two-view stream that resumes exactly, the callbacks, and the end-of-training probes.
 """
 
+import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import random
 import re
 import sys
+import types
 
-from corinfomax_tf import errors
+import keras
+import tensorflow as tf
+from absl import logging as absl_logging
+from PIL import Image
+
+from corinfomax_tf import config as config_lib
+from corinfomax_tf import errors, fingerprints
+from corinfomax_tf import flags as flags_lib
+from corinfomax_tf.data import datasets as data_lib
+from corinfomax_tf.evaluation import monitoring, probes
+from corinfomax_tf.export import saved_model
+from corinfomax_tf.method import model as ssl_model
+from corinfomax_tf.models import factory, pooling
+from corinfomax_tf.training import callbacks as callbacks_lib
+from corinfomax_tf.training import distribute, schedules
+from corinfomax_tf.training import workdir as workdir_lib
 
 SUMMARY_FILE = "summary.json"
 # Beside a mid-epoch checkpoint: the running means of the epoch it interrupted.
@@ -75,7 +93,6 @@ def check_resume(saved, current, workdir):
 def images_fingerprint(source):
   """What identifies the training images: their count, and a digest of the kept
   files' paths (relative to their root) and labels where they are files."""
-  from corinfomax_tf import fingerprints
   info = {"count": int(source.num_train)}
   if source.scans:
     info["files_sha256"] = fingerprints.files_digest(source.scans, stat=False)
@@ -113,7 +130,6 @@ def load_eval_source(cfg, train_source, log):
   The training set itself unless --eval_dataset names another; an unlabeled training
   set without one has none, and the job says so once instead of failing at the end.
   """
-  from corinfomax_tf.data import datasets as data_lib
   d, t = cfg.data, cfg.train
   if not (t.probe_epochs or t.knn_every_epochs):
     return None, None
@@ -147,10 +163,7 @@ def load_eval_source(cfg, train_source, log):
 
 def write_preview(cfg, source, workdir):
   """Both views of the first training images: TensorBoard image and preview.png."""
-  import tensorflow as tf
-  from PIL import Image
 
-  from corinfomax_tf.evaluation import monitoring
   count = cfg.train.preview_images or 8
   images = [image.numpy() for image, _ in source.train.take(count)]
   grid = monitoring.augmentation_preview(
@@ -191,8 +204,6 @@ class PretrainingJob:
 
   def run(self):
     """The whole job; returns the summary dict (also written to summary.json)."""
-    from corinfomax_tf.training import distribute
-    from corinfomax_tf.training import workdir as workdir_lib
     t = self.cfg.train
     self.strategy = distribute.make_strategy(t.strategy, t.num_cpu_devices,
                                              t.cluster_resolver, t.slurm_port_base)
@@ -222,15 +233,12 @@ class PretrainingJob:
   def prepare(self):
     """Replicas, the saved config, the data, the resolved flags and the preview.
     Returns False when the job ends here (--preview_only)."""
-    from absl import logging as absl_logging
 
-    from corinfomax_tf.data import datasets as data_lib
     cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
     self.replicas = self.strategy.num_replicas_in_sync
     if t.batch_size % self.replicas:
       raise errors.ConfigError(
           f"--batch_size={t.batch_size}: not divisible by the {self.replicas} replicas")
-    from corinfomax_tf import config as config_lib
     saved = self.workdir.read_json("config.json")
     if saved is not None and not self.workdir.has_checkpoints():
       saved = None   # nothing trained yet: a fresh start
@@ -281,11 +289,7 @@ class PretrainingJob:
   def build_and_restore(self):
     """Seeds, the model, optimizer and checkpoints (inside the strategy's scope),
     then the newest intact checkpoint."""
-    import keras
-    import tensorflow as tf
 
-    from corinfomax_tf.training import distribute
-    from corinfomax_tf.training import workdir as workdir_lib
     t = self.cfg.train
     keras.utils.set_random_seed(t.seed)
     if t.deterministic:
@@ -328,11 +332,7 @@ class PretrainingJob:
   def _build_model(self):
     """Model, optimizer and schedule; returns what a checkpoint tracks (the names
     are those of every checkpoint written so far: old workdirs still restore)."""
-    import keras
 
-    from corinfomax_tf.method import model as ssl_model
-    from corinfomax_tf.training import distribute
-    from corinfomax_tf.training import schedules
     cfg, t = self.cfg, self.cfg.train
     o = cfg.optim
     optimizer, self.schedule = schedules.reference_optimizer(
@@ -361,9 +361,7 @@ class PretrainingJob:
   def _build_backbone(self):
     """The given backbone or the config's, checked against the image size and the
     workdir's earlier architecture; records what rebuilds it (architecture.json)."""
-    import keras
 
-    from corinfomax_tf.models import factory
     d, m = self.cfg.data, self.cfg.model
     given = self.given_backbone
     if given is not None and not isinstance(given, keras.Model):
@@ -393,7 +391,6 @@ class PretrainingJob:
   def fit(self):
     """Trains from the restored step to the end (or a preemption), stopping with one
     line on a lost worker or a matrix that is no longer positive definite."""
-    import tensorflow as tf
     callbacks, self.preemption = self._callbacks()
     try:
       with self.preemption.installed():
@@ -440,12 +437,10 @@ class PretrainingJob:
     return int(self.model.step_counter.numpy())
 
   def _latest_or_none(self):
-    import tensorflow as tf
     return tf.train.latest_checkpoint(self.workdir.join("checkpoints")) or "none yet"
 
   def _fit_epochs(self, callbacks):
-    from corinfomax_tf.training import callbacks as callbacks_lib
-    step, spe, t = self.step, self.spe, self.cfg.train
+    step, spe = self.step, self.spe
     history = None
     if step % spe:
       self._wait_for_data_service()
@@ -466,7 +461,6 @@ class PretrainingJob:
 
   def _save_epoch_terms(self, step):
     """With a mid-epoch (preemption) checkpoint: the epoch's running means so far."""
-    from corinfomax_tf.training import callbacks as callbacks_lib
     if self.chief:
       self.workdir.write_json(os.path.join("checkpoints", EPOCH_TERMS_FILE), dict(
           step=step, terms=callbacks_lib.tracker_state(self.model)))
@@ -480,7 +474,6 @@ class PretrainingJob:
 
   def _wait_for_data_service(self):
     if self.cfg.data.data_service and not getattr(self, "_service_ready", False):
-      from corinfomax_tf.data import datasets as data_lib
       data_lib.wait_for_service_worker(self.cfg.data.data_service, self.log)
       self._service_ready = True
 
@@ -488,8 +481,6 @@ class PretrainingJob:
     """The same stream as an uninterrupted run, from its start_step-th batch on. Each
     worker builds its own pipeline and decodes and augments only its part of each
     global batch (tf.data's auto-sharding would have every worker process all of it)."""
-    from corinfomax_tf.data import datasets as data_lib
-    from corinfomax_tf.training import distribute
     cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
     if d.data_service:
       # A job per launch and start: a resumed or retried run must not join the job of
@@ -516,10 +507,7 @@ class PretrainingJob:
   def _callbacks(self):
     """Guards first, then loggers and monitors, the checkpoint saver last (after the
     monitors of an epoch's last step have run)."""
-    import tensorflow as tf
 
-    from corinfomax_tf.evaluation import monitoring
-    from corinfomax_tf.training import callbacks as callbacks_lib
     t, workdir = self.cfg.train, self.workdir
     self.throughput = callbacks_lib.Throughput(t.batch_size)
     preemption = callbacks_lib.PreemptionSaver(self.checkpoints,
@@ -559,7 +547,6 @@ class PretrainingJob:
     return cbs + self.extra_callbacks, preemption
 
   def _eval_split(self, split):
-    from corinfomax_tf.data import datasets as data_lib
     d = self.cfg.data
     return data_lib.eval_dataset(split, batch_size=256, image_size=d.image_size,
                                  mean=d.mean, std=d.std)
@@ -594,7 +581,6 @@ class PretrainingJob:
 
   def export(self):
     """The encoder of the last checkpoint, exported and checked (SavedModel, preset)."""
-    from corinfomax_tf.export import saved_model
     t = self.cfg.train
     export_dir = t.export_dir or self.workdir.join("export")
     self.summary["export_step"] = self.summary["step"]
@@ -610,11 +596,7 @@ class PretrainingJob:
 
   def evaluate(self):
     """The quick linear probe of the trained (and of a random) encoder, on the chief."""
-    import tensorflow as tf
 
-    from corinfomax_tf.evaluation import probes
-    from corinfomax_tf.models import factory
-    from corinfomax_tf.models import pooling
     t, e = self.cfg.train, self.eval_source
     if self.no_eval_reason:
       self.summary["probe_skipped"] = self.no_eval_reason
@@ -644,7 +626,6 @@ class PretrainingJob:
     writer.flush()
 
   def summarise(self):
-    import json
     self._set_aside_earlier_results()
     if self.chief:
       self.workdir.write_json(SUMMARY_FILE, self.summary)
@@ -654,7 +635,6 @@ class PretrainingJob:
 
 def _kind_of(default):
   """(test, what it is) for a setting whose train-flag default is `default`."""
-  import numbers
   if isinstance(default, bool):
     return (lambda v: isinstance(v, bool)), "True or False"
   if isinstance(default, int):
@@ -723,12 +703,7 @@ def pretrain(backbone, images, *, workdir, image_size, epochs, batch_size,
   encoder = tf.saved_model.load(summary["export"])
   ```
   """
-  import dataclasses
-  import types
 
-  from corinfomax_tf import config as config_lib
-  from corinfomax_tf import flags as flags_lib
-  from corinfomax_tf.data import datasets as data_lib
   values = flags_lib.defaults()
   unknown = sorted(set(settings) - set(values))
   if unknown:

@@ -33,6 +33,9 @@ import re
 import shutil
 import socket
 
+import numpy as np
+import tensorflow as tf
+
 from corinfomax_tf import errors
 from corinfomax_tf.atomic_files import write_atomic
 
@@ -230,7 +233,6 @@ class Checkpoints:
 
   def __init__(self, checkpoint, directory, *, keep, restore_dir=None, chief=True,
                log=print):
-    import tensorflow as tf
     self.checkpoint = checkpoint
     self.directory = directory
     self.restore_dir = restore_dir or directory
@@ -246,7 +248,6 @@ class Checkpoints:
   def candidates(self):
     """Checkpoint prefixes of restore_dir, newest first (the pointer file's list and
     every `*.index` present, so a lost pointer file loses nothing)."""
-    import tensorflow as tf
     found = set(checkpoint_prefixes(self.restore_dir))
     state = None
     try:
@@ -287,7 +288,6 @@ class Checkpoints:
 
   def _try_restore(self, path, partial):
     """None when `path` restored, else the reason it could not be read."""
-    import tensorflow as tf
     try:
       status = self.checkpoint.restore(path)
       if partial:
@@ -308,7 +308,6 @@ class Checkpoints:
   def _set_aside(self, damaged, restored):
     """Moves damaged checkpoints to <dir>/damaged/ and points the manager at the
     restored one, so that the step they held is trained and saved again."""
-    import tensorflow as tf
     if not self.chief or self.restore_dir != self.directory:
       return
     target = os.path.join(self.directory, DAMAGED_DIR)
@@ -345,7 +344,6 @@ class Checkpoints:
     checkpoints only after that: a write that fails half-way leaves the pointer at
     the last good one.
     """
-    import tensorflow as tf
     try:
       return self.manager.save(checkpoint_number=number)
     except (OSError, tf.errors.OpError) as e:
@@ -360,7 +358,6 @@ class Checkpoints:
 
 
 def _first_line(e):
-  import tensorflow as tf
   if isinstance(e, OSError):
     text = e.strerror or str(e)
   elif isinstance(e, tf.errors.OpError):
@@ -375,6 +372,4 @@ def _first_line(e):
 
 def checkpoint_bytes(variables):
   """Bytes one checkpoint of these variables takes (values only; the index is small)."""
-  import numpy as np
-  import tensorflow as tf
   return int(sum(np.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables))

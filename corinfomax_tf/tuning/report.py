@@ -10,9 +10,17 @@ import json
 import os
 import warnings
 
+import matplotlib
+import matplotlib.pyplot as plt
 import optuna
+import tensorflow as tf
+from optuna.visualization import matplotlib as vis
+from tensorboard.plugins.hparams import api as hp
 
+from corinfomax_tf import flags as flags_lib
 from corinfomax_tf.atomic_files import write_atomic
+from corinfomax_tf.evaluation import knn
+from corinfomax_tf.export import saved_model
 from corinfomax_tf.tuning import study as study_lib
 
 RESULT_FILE = "sweep.json"
@@ -64,7 +72,6 @@ def _cell(value):
 
 def best_flagfile(sweep, best):
   """The best trial's flags as a flagfile that trains on the whole training set."""
-  from corinfomax_tf import flags as flags_lib
   values = sweep._trial_values(dict(best.params), best.number)
   values["workdir"] = os.path.join(sweep.dir, "best")
   params = ", ".join(f"{k}={_cell(v)}" for k, v in best.params.items())
@@ -84,8 +91,6 @@ def best_flagfile(sweep, best):
 def measure_test(sweep, best):
   """kNN top-1 of the best trial's encoder on the test split (bank: the whole
   training split), once per best trial; None where there is no labelled test split."""
-  from corinfomax_tf.evaluation import knn
-  from corinfomax_tf.export import saved_model
   source = sweep.full_eval if sweep.full_eval is not None else sweep.full_source
   if sweep.score_kind != "knn" or not source.labelled or source.test is None:
     return None
@@ -113,10 +118,7 @@ def measure_test(sweep, best):
 
 def write_plots(sweep, log):
   """PNG plots a person reads; a plot Optuna cannot draw yet is skipped with a line."""
-  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from optuna.visualization import matplotlib as vis
   written = {}
   done = [t for t in sweep.study.get_trials(deepcopy=False)
           if t.state == optuna.trial.TrialState.COMPLETE]
@@ -147,8 +149,6 @@ def write_plots(sweep, log):
 
 def write_hparams_config(sweep):
   """The HParams dashboard's experiment: the searched parameters and the score."""
-  import tensorflow as tf
-  from tensorboard.plugins.hparams import api as hp
   hparams = []
   for p in sweep.cfg.search:
     if p.kind == "choice":

@@ -12,6 +12,7 @@ import os
 import re
 
 import optuna
+from optuna.storages import journal
 
 from corinfomax_tf import errors
 
@@ -39,7 +40,6 @@ def open_storage(url, sweep_dir):
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
       raise errors.ConfigError(f"--storage={shown}: the folder {parent} does not exist")
-    from optuna.storages import journal
     try:
       return optuna.storages.JournalStorage(journal.JournalFileBackend(path))
     except OSError as e:

@@ -25,9 +25,17 @@ import os
 import socket
 import types
 
+import keras
 import optuna
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
 
+from corinfomax_tf import config as config_lib
 from corinfomax_tf import errors
+from corinfomax_tf import flags as flags_lib
+from corinfomax_tf.data import datasets as data_lib
+from corinfomax_tf.evaluation import monitoring
+from corinfomax_tf.training import pretraining
 from corinfomax_tf.tuning import report
 from corinfomax_tf.tuning import space as space_lib
 from corinfomax_tf.tuning import study as study_lib
@@ -87,7 +95,6 @@ def score_name(cfg, labelled):
 
 def effective_rank_of(model):
   """Mean effective rank of the loss layer's covariance matrices."""
-  from corinfomax_tf.evaluation import monitoring
   layer = model.loss_layer
   ranks = [monitoring.effective_rank(monitoring.eigenvalues(getattr(layer, name).numpy()))
            for name in layer.state if name.startswith("R") and name != "R12"]
@@ -124,7 +131,6 @@ class TrialReporter:
         raise Pruned(f"collapsed at step {step}: {message}")
 
   def callback(self):
-    import keras
     reporter = self
 
     class _Callback(keras.callbacks.Callback):
@@ -164,8 +170,6 @@ class Sweep:
 
   def prepare(self):
     """Sources, validation split, storage and study; every check before a trial."""
-    from corinfomax_tf import config as config_lib
-    from corinfomax_tf.data import datasets as data_lib
     cfg, t = self.cfg, self.cfg.train
     try:
       os.makedirs(self.dir, exist_ok=True)
@@ -238,7 +242,6 @@ class Sweep:
     """What the trials share that changes their scores (by flag name): the train
     command's resume settings, the backbone and the kNN score's settings; the
     searched parameters are not among them."""
-    from corinfomax_tf import config as config_lib
     t = self.cfg.train
     fixed = config_lib.pretraining_resume_settings(base)
     fixed.update(backbone=t["backbone"], backbone_config=t["backbone_config"],
@@ -328,11 +331,7 @@ class Sweep:
     trial.set_user_attr("workdir", os.path.join("trials", str(trial.number)))
 
   def _run_trial(self, trial, adopted):
-    import keras
 
-    from corinfomax_tf import config as config_lib
-    from corinfomax_tf import flags as flags_lib
-    from corinfomax_tf.training import pretraining
     n = trial.number
     self.ran.append(n)
     sampled = {p.name: space_lib.suggest(trial, p) for p in self.cfg.search}
@@ -396,8 +395,6 @@ class Sweep:
 
   def _write_hparams(self, number, sampled, value):
     """The trial's parameters and score for TensorBoard's HParams dashboard."""
-    import tensorflow as tf
-    from tensorboard.plugins.hparams import api as hp
     writer = tf.summary.create_file_writer(self.trial_dir(number))
     with writer.as_default(step=0):
       hp.hparams({k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -421,7 +418,6 @@ def sweep_config(train_values, search, **settings):
   flag name -> value), the `--search` specs and the sweep's own settings by name.
   Every check (the fixed flags, each parameter's range, each sampled flag's bounds)
   runs here, before any trial."""
-  from corinfomax_tf import config as config_lib
   config_lib.from_flags(types.SimpleNamespace(**train_values))
   params = space_lib.parse_all(list(search), train_values)
   for p in params:
@@ -489,9 +485,6 @@ def sweep(search, *, workdir, n_trials=20, backbone=None, images=None, log=print
   print(result["best"]["params"], result["best"]["flagfile"])
   ```
   """
-  from corinfomax_tf import config as config_lib
-  from corinfomax_tf import flags as flags_lib
-  from corinfomax_tf.data import datasets as data_lib
   values = flags_lib.defaults()
   sweep_fields = {f.name for f in dataclasses.fields(config_lib.SweepConfig)}
   train = {k: v for k, v in settings.items() if k in values}
@@ -504,7 +497,6 @@ def sweep(search, *, workdir, n_trials=20, backbone=None, images=None, log=print
   if isinstance(search, str):
     raise TypeError(f"search must be a list of strings such as ['alpha:log:50:2000']. "
                     f"Received: search={search!r}")
-  from corinfomax_tf.training import pretraining
   pretraining.check_setting_types(train, values)
   pretraining.check_setting_types(
       dict(own, n_trials=n_trials),
