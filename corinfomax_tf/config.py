@@ -32,12 +32,14 @@ NORMALIZATIONS = {
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
-def setting(default, help, choices=None, check=None):  # noqa: A002  (the flag's help)
+def setting(default, help, choices=None, check=None, kind=None):  # noqa: A002
   """A config field that is also a command-line flag of the same name: its default,
   help, choices and validation live here; `flags.define_config_flags` derives the
   flag, `validate_fields` applies `check` (">= 1", "> 0", "in [0, 1)", ..., with an
   optional "; note" shown in parentheses) naming the flag."""
   metadata = {"help": help}
+  if kind is not None:   # the flag's type where the default (None) does not say it
+    metadata["kind"] = kind
   if choices:
     metadata["choices"] = tuple(choices)
   if check:
@@ -305,7 +307,12 @@ class TrainConfig:
       False,
       'Deterministic ops (tf.config.experimental.enable_op_determinism) and a fixed '
       'data order: two runs give bitwise-equal weights on the CPU.')
-  jit_compile: bool = setting(False, 'Compile the training step with XLA.')
+  jit_compile: bool = setting(
+      None,
+      'Compile the training step with XLA: --jit_compile or --nojit_compile; not given, '
+      'a run of at least 500 steps times both steps once on this machine and takes the '
+      'faster (remembered per machine and in the workdir; docs/training.md, "XLA").',
+      kind=bool)
   mixed_precision: str = setting("none", 'none, float16 or bfloat16.')
   verbose: str = setting(
       "auto",

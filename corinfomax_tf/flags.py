@@ -73,7 +73,7 @@ def define_config_flags(cls, names=None):
     if field.metadata.get("choices"):
       _track(flags.DEFINE_enum, field.name, default, list(field.metadata["choices"]),
              help_text, group=group)
-    elif isinstance(default, bool):
+    elif isinstance(default, bool) or field.metadata.get("kind") is bool:
       _track(flags.DEFINE_bool, field.name, default, help_text, group=group)
     elif isinstance(default, int):
       _track(flags.DEFINE_integer, field.name, default, help_text, group=group)
@@ -151,6 +151,8 @@ def flagfile_text(values):
   """`values` (flag name -> value) as flagfile text (one --name=value a line)."""
   lines = ["# Resolved flags of this run; rerun with --flagfile=<this file>."]
   for name, value in values.items():
+    if value is None:
+      continue   # not given, and no default: the command decides (--jit_compile)
     if isinstance(value, (list, tuple)):
       value = ",".join(str(v) for v in value)
     if isinstance(value, bool):

@@ -7,8 +7,10 @@ runs on the default strategy (the first device).
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from corinfomax_tf import quiet  # before the level below: it records the user's
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+quiet.start_tensorflow()   # TensorFlow's start-up lines off the test output
 
 from corinfomax_tf.training import distribute  # noqa: E402
 
@@ -25,6 +27,37 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if "trained" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.slow)
+
+
+# The suite runs on pytest-xdist workers (pyproject's addopts: -n auto, at most 4). A
+# test marked `alone` (several processes that must answer each other in time: two
+# MultiWorkerMirroredStrategy workers miss the coordination service's 10 s heartbeat
+# on a 2-core machine running another test's training beside them) runs with no
+# other test: it takes an exclusive lock that every other test takes shared. Writers
+# first: an `alone` test announces itself on a second lock, which new tests pass
+# through, so that the others cannot keep it waiting.
+@pytest.fixture(autouse=True)
+def _alone_or_shared(request):
+  run_uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if not run_uid:   # not under xdist: every test is alone anyway
+    yield
+    return
+  import fcntl
+  import tempfile
+  base = os.path.join(tempfile.gettempdir(), f"corinfomax-tests-{run_uid}")
+  with open(base + ".gate", "a") as gate, open(base + ".run", "a") as run:
+    if request.node.get_closest_marker("alone") is not None:
+      fcntl.flock(gate, fcntl.LOCK_EX)
+      fcntl.flock(run, fcntl.LOCK_EX)
+    else:
+      fcntl.flock(gate, fcntl.LOCK_SH)
+      fcntl.flock(run, fcntl.LOCK_SH)
+      fcntl.flock(gate, fcntl.LOCK_UN)
+    try:
+      yield
+    finally:
+      fcntl.flock(run, fcntl.LOCK_UN)
+      fcntl.flock(gate, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True)

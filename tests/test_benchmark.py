@@ -17,7 +17,8 @@ FIELDS = {"config", "device", "images_per_second", "ms_per_step", "traces", "los
           "covariance_dtypes", "xla", "no_xla", "model_flops_per_image_forward",
           "model_flops_per_step", "flops_counting", "achieved_flops_per_second",
           "matmul_flops_per_second", "matmul_size", "mfu_vs_matmul", "peak_memory_bytes",
-          "peak_memory_kind", "pipeline", "loss_alone", "matmul_dtype"}
+          "peak_memory_kind", "pipeline", "loss_alone", "matmul_dtype", "cpu_peak",
+          "mfu_vs_peak"}
 
 
 def benchmark(*args):
@@ -39,12 +40,44 @@ def test_json_fields_xla_agreement_and_single_trace():
   assert r["model_flops_per_image_forward"] > 1e5
   assert r["model_flops_per_step"] == 6 * 16 * r["model_flops_per_image_forward"]
   assert 0 < r["mfu_vs_matmul"] < 10
+  if r["cpu_peak"] is not None:   # Linux x86: the float32 peak as detected
+    peak = r["cpu_peak"]
+    assert peak["flops_per_second"] == pytest.approx(
+        peak["cores"] * peak["fma_units_per_core"] * peak["float32_lanes"] * 2
+        * peak["clock_ghz"] * 1e9)
+    assert r["mfu_vs_peak"] == pytest.approx(r["achieved_flops_per_second"]
+                                             / peak["flops_per_second"])
   assert set(r["loss_alone"]) == {"8", "16"}
   assert r["pipeline"]["images_per_second"] > 0 and r["pipeline"]["cores"] >= 1
   sharded = r["pipeline"]["sharded"]
   assert sharded["workers"] == 2 and sharded["global_images_per_second_one_worker"] > 0
   assert r["covariance_dtypes"] == ["float64"]
   assert r["matmul_dtype"] == "float32"
+
+
+CPUINFO = """processor	: 0
+vendor_id	: {vendor}
+model name	: {name}
+cpu MHz		: 2500.000
+flags		: fpu sse sse2 {flags}
+"""
+
+
+@pytest.mark.parametrize("vendor,name,flags,lanes,units", [
+    ("AuthenticAMD", "AMD EPYC 7B13", "avx fma avx2", 8, 2),
+    ("GenuineIntel", "Intel(R) Xeon(R) Platinum 8481C", "avx fma avx2 avx512f", 16, 2),
+    ("AuthenticAMD", "AMD EPYC 9B14", "avx fma avx2 avx512f", 16, 1),
+    ("GenuineIntel", "Intel(R) Core(TM) 2", "", 4, 2)])
+def test_cpu_peak_is_cores_fma_units_lanes_2_and_the_clock(tmp_path, vendor, name, flags,
+                                                          lanes, units):
+  from corinfomax_tf.benchmarking import training_step
+  path = tmp_path / "cpuinfo"
+  path.write_text(CPUINFO.format(vendor=vendor, name=name, flags=flags))
+  peak = training_step.cpu_peak(str(path), cores=2)
+  assert (peak["float32_lanes"], peak["fma_units_per_core"]) == (lanes, units)
+  assert peak["flops_per_second"] == pytest.approx(2 * units * lanes * 2 * 2.5e9)
+  assert peak["cpu"] == name
+  assert training_step.cpu_peak(str(tmp_path / "missing")) is None
 
 
 def test_utilisation_is_measured_against_a_matmul_in_the_steps_compute_dtype():

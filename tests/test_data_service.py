@@ -87,6 +87,7 @@ def _server(*args):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_training_feeds_from_a_dispatcher_and_two_worker_processes(tmp_path):
   root = helpers.write_image_tree(str(tmp_path / "photos"), count=24)
   port = helpers.free_port()

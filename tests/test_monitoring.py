@@ -117,7 +117,7 @@ def test_a_real_tensorboard_server_lists_the_run(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
        f"--workdir={workdir}", "--monitor_every_steps=1", "--online_probe",
-       "--knn_every_epochs=1", "--knn_k=5"],
+       "--knn_every_epochs=1", "--knn_k=5", "--preview_images=4"],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   # Off a terminal: one line per epoch, no carriage-return bar.

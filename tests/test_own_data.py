@@ -182,7 +182,7 @@ def test_pretraining_on_an_unlabeled_tree_with_monitors_and_an_eval_set(tmp_path
   result = helpers.run_command(
       "corinfomax_tf.train", f"--flagfile={helpers.SMOKE}", f"--workdir={workdir}",
       "--dataset=images", f"--data_dir={root}", "--monitor_every_steps=1",
-      "--eval_dataset=digits", "--knn_every_epochs=1", "--knn_k=5")
+      "--eval_dataset=digits", "--knn_every_epochs=1", "--knn_k=5", "--preview_images=4")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "summary.json")) as fh:
     summary = json.load(fh)

@@ -112,7 +112,8 @@ def test_a_vit_exports_to_both_runtimes(tmp_path):
   vit = helpers.write_backbone_config(tmp_path / "vit.json", "vit")
   train = helpers.run_command("corinfomax_tf.train", f"--flagfile={helpers.SMOKE}",
                               f"--backbone_config={vit}", f"--workdir={tmp_path}/run",
-                              "--epochs=1", "--probe_epochs=0", "--export")
+                              "--epochs=1", "--probe_epochs=0", "--export",
+                              "--export_runtimes")
   assert train.returncode == 0, train.stderr[-3000:]
   got = _compare(str(tmp_path / "run" / "export"))
   assert got["onnx"] < 1e-4 and got["litert"] < 1e-4 and got["shape"] == [20, 16], got

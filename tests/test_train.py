@@ -339,6 +339,7 @@ def _assert_workers_agree(workdir):
     np.testing.assert_array_equal(chief.get_tensor(key), other.get_tensor(key))
 
 
+@pytest.mark.alone
 def test_two_workers_match_one_process_on_the_same_global_batch(tmp_path):
   """Two worker processes vs one process with two replicas: same data, same result."""
   import numpy as np
@@ -383,6 +384,7 @@ def test_two_workers_match_one_process_on_the_same_global_batch(tmp_path):
         f"{worst:.2e}; final loss {loss_w!r} vs {loss_s!r}")
 
 
+@pytest.mark.alone
 def test_a_killed_worker_costs_only_the_work_since_the_last_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   procs, ports = _launch_workers(workdir, "--epochs=4")

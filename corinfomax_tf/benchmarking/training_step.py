@@ -4,6 +4,7 @@ against a dense matrix product timed in the same run, the loss alone, peak memor
 See corinfomax_tf/cli/benchmark.py for what is measured and how.
 """
 
+import os
 import resource
 import time
 
@@ -50,6 +51,43 @@ def matmul_flops_per_second(n, repeats=5, rounds=3, dtype="float32"):
   return best
 
 
+def cpu_peak(cpuinfo="/proc/cpuinfo", cores=None):
+  """The CPU's theoretical float32 peak as detected: cores x FMA units x vector lanes x
+  2 FLOPs (a fused multiply-add) x clock.
+
+  /proc/cpuinfo gives the cores, the clock ("cpu MHz") and the vector width (avx512f:
+  16 float32 lanes; avx2 with fma: 8; else 4). It does not list FMA units per core:
+  2 are assumed (Zen 2-4's 256-bit units, Intel's cores with AVX2, Xeons with two
+  AVX-512 units), except AMD with AVX-512 (Zen 4 runs a 512-bit FMA on its two 256-bit
+  units: 1 unit of 16 lanes). Returns a dict with every factor, or None where the
+  file says nothing (not Linux, not x86)."""
+  try:
+    with open(cpuinfo) as fh:
+      text = fh.read()
+  except OSError:
+    return None
+  fields = {}
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  try:
+    mhz = float(fields["cpu MHz"])
+  except (KeyError, ValueError):
+    return None
+  flags = set(fields.get("flags", "").split())
+  amd = "AMD" in fields.get("vendor_id", "") or "AMD" in fields.get("model name", "")
+  if "avx512f" in flags:
+    lanes, units, vector = 16, (1 if amd else 2), "AVX-512"
+  elif "avx2" in flags and "fma" in flags:
+    lanes, units, vector = 8, 2, "AVX2 + FMA"
+  else:
+    lanes, units, vector = 4, 2, "SSE"
+  cores = cores or os.cpu_count() or 1
+  return {"flops_per_second": cores * units * lanes * 2 * mhz * 1e6, "cores": cores,
+          "fma_units_per_core": units, "float32_lanes": lanes, "vector": vector,
+          "clock_ghz": mhz / 1000.0, "cpu": fields.get("model name", "")}
+
+
 def forward_flops_per_image(model, image_size):
   """FLOPs of encoder + projector forward for one image, from the graph."""
 
@@ -67,7 +105,8 @@ def time_train_step(cfg, batch_size, steps, warmup, jit):
   """Builds the real model and times its train_step on a fixed batch."""
 
   keras.utils.set_random_seed(cfg.train.seed)
-  model = ssl_model.build_pretraining_model(cfg.model, cfg.loss)
+  model = ssl_model.build_pretraining_model(cfg.model, cfg.loss,
+                                            image_size=cfg.data.image_size)
   optimizer = schedules.ReferenceSGD(cfg.optim.lr, momentum=cfg.optim.momentum,
                                      l2_weight_decay=cfg.optim.weight_decay)
   if cfg.train.mixed_precision == "float16":
@@ -145,6 +184,8 @@ def run_benchmark(cfg, *, batch_size, steps, warmup, jit, loss_dims, pipeline_ba
   step_flops = 3 * 2 * flops_image * batch_size
   achieved = step_flops / head["seconds_per_step"]
   memory, memory_kind = peak_memory()
+  # The float32 peak: a denominator for float32 steps on the CPU only.
+  peak = cpu_peak() if result["device"] == "CPU" and dtype == "float32" else None
   result.update(
       images_per_second=head["images_per_second"],
       ms_per_step=1000.0 * head["seconds_per_step"],
@@ -164,6 +205,8 @@ def run_benchmark(cfg, *, batch_size, steps, warmup, jit, loss_dims, pipeline_ba
       matmul_size=matmul_size,
       matmul_dtype=dtype,
       mfu_vs_matmul=achieved / matmul,
+      cpu_peak=peak,
+      mfu_vs_peak=achieved / peak["flops_per_second"] if peak else None,
       peak_memory_bytes=memory,
       peak_memory_kind=memory_kind)
   result["pipeline"] = input_pipeline.time_pipeline(cfg, batch_size, pipeline_batches, pipeline_workers)

@@ -72,6 +72,14 @@ def format_table(r):
       f"achieved {r['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s; dense {r['matmul_dtype']} matmul "
       f"({r['matmul_size']}^3) {r['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s; "
       f"utilisation {100 * r['mfu_vs_matmul']:.1f}%",
+      (f"CPU peak (float32, as detected: {r['cpu_peak']['cores']} cores x "
+       f"{r['cpu_peak']['fma_units_per_core']} FMA units x {r['cpu_peak']['float32_lanes']} "
+       f"lanes ({r['cpu_peak']['vector']}) x 2 x {r['cpu_peak']['clock_ghz']:.2f} GHz) "
+       f"{r['cpu_peak']['flops_per_second'] / 1e9:.1f} GFLOP/s; utilisation "
+       f"{100 * r['mfu_vs_peak']:.1f}%; the matmul reaches "
+       f"{100 * r['matmul_flops_per_second'] / r['cpu_peak']['flops_per_second']:.1f}% of it")
+      if r.get("cpu_peak") else "CPU peak: not detected (no /proc/cpuinfo clock, or not "
+      "a float32 step on the CPU)",
       f"peak memory: {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})",
       f"input pipeline: {r['pipeline']['images_per_second']:.1f} images/s "
       f"({r['pipeline']['images_per_second_per_core']:.1f} per core, "

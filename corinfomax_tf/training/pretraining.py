@@ -34,6 +34,7 @@ from corinfomax_tf.models import factory, pooling
 from corinfomax_tf.training import callbacks as callbacks_lib
 from corinfomax_tf.training import distribute, schedules
 from corinfomax_tf.training import workdir as workdir_lib
+from corinfomax_tf.training import xla_choice
 
 SUMMARY_FILE = "summary.json"
 # Beside a mid-epoch checkpoint: the running means of the epoch it interrupted.
@@ -291,11 +292,12 @@ class PretrainingJob:
     then the newest intact checkpoint."""
 
     t = self.cfg.train
+    if t.mixed_precision != "none":
+      keras.mixed_precision.set_global_policy(f"mixed_{t.mixed_precision}")
+    self.jit = self._choose_jit()
     keras.utils.set_random_seed(t.seed)
     if t.deterministic:
       tf.config.experimental.enable_op_determinism()
-    if t.mixed_precision != "none":
-      keras.mixed_precision.set_global_policy(f"mixed_{t.mixed_precision}")
     with self.strategy.scope():
       tracked = self._build_model()
       # Every worker restores the chief's checkpoints (the workdir is on a file
@@ -350,13 +352,27 @@ class PretrainingJob:
         backbone=backbone)
     if t.mixed_precision == "float16":
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, jit_compile=t.jit_compile)
+    model.compile(optimizer=optimizer, jit_compile=self.jit["jit_compile"])
     tracked = dict(encoder=model.encoder, projector=model.projector,
                    loss_state=model.loss_layer, optimizer=optimizer, step=model.step_counter)
     if model.probe_head is not None:
       model.probe_optimizer.learning_rate = t.online_probe_lr
       tracked.update(probe_head=model.probe_head, probe_optimizer=model.probe_optimizer)
     return tracked
+
+  def _choose_jit(self):
+    """XLA for the step or not: given, as the workdir's first run chose, or measured
+    (xla_choice.py); one line says which and why."""
+    why_not = ""
+    if self.given_backbone is not None:
+      why_not = "a backbone passed as a Python object is not timed; --jit_compile decides"
+    elif distribute.is_multi_worker(self.strategy):
+      why_not = "several workers are not timed; --jit_compile decides"
+    choice = xla_choice.choose(self.cfg, self.workdir, total_steps=self.total_steps,
+                               per_replica_batch=self.cfg.train.batch_size // self.replicas,
+                               measurable=not why_not, why_not=why_not, chief=self.chief)
+    self.log(xla_choice.describe(choice))
+    return choice
 
   def _build_backbone(self):
     """The given backbone or the config's, checked against the image size and the
