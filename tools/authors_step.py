@@ -125,11 +125,11 @@ def main():
   start = time.perf_counter()
   for _ in range(args.steps):
     loss = step()
-  float(loss)
+  float(loss.detach())
   seconds = (time.perf_counter() - start) / args.steps
   print(json.dumps({"images_per_second": args.batch_size / seconds,
                     "ms_per_step": 1000 * seconds, "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "loss": float(loss)}))
+                    "torch": torch.__version__, "loss": float(loss.detach())}))
 
 
 if __name__ == "__main__":
