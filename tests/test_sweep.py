@@ -118,6 +118,27 @@ def test_the_validation_split_of_a_folder_is_taken_before_decoding(tmp_path):
   assert len(list(split.test)) == 3
 
 
+def test_a_lost_race_to_create_a_new_storage_is_retried(tmp_path, monkeypatch):
+  # Two hosts starting on one new database: the second CREATE TABLE fails with
+  # "already exists" (seen in CI with two sweep processes); the retry finds the tables.
+  import optuna
+  real, calls = optuna.storages.RDBStorage, []
+
+  def racing(url, **kwargs):
+    calls.append(url)
+    if len(calls) == 1:
+      real(url, **kwargs)   # "the other process" creates the tables
+      raise RuntimeError("(sqlite3.OperationalError) table trials already exists")
+    return real(url, **kwargs)
+  monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+  storage = study_lib.open_storage("", str(tmp_path))
+  assert len(calls) == 2 and storage.get_all_studies() == []
+  monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: (_ for _ in ()).throw(
+      RuntimeError("disk I/O error")))
+  with pytest.raises(errors.ConfigError, match="cannot be opened .*disk I/O error"):
+    study_lib.open_storage(f"sqlite:///{tmp_path}/other.db", str(tmp_path))
+
+
 @pytest.mark.parametrize("url, needle", [
     ("nonsense", "not a storage URL"),
     ("sqlite:////no/such/folder/x.db", "the folder /no/such/folder does not exist"),

@@ -77,9 +77,11 @@ def test_given_short_unmeasurable_and_resumed_runs_are_not_measured(cache):
   forced = xla_choice.choose(tiny_config(jit_compile=True), FakeWorkdir(), total_steps=10**6,
                              per_replica_batch=8, measure_fn=measure)
   assert forced["jit_compile"] is True and forced["how"] == "given"
+  assert xla_choice.describe(forced) == "XLA for the training step: on (--jit_compile)"
   off = xla_choice.choose(tiny_config(jit_compile=False), FakeWorkdir(), total_steps=10**6,
                           per_replica_batch=8, measure_fn=measure)
   assert off["jit_compile"] is False
+  assert xla_choice.describe(off) == "XLA for the training step: off (--nojit_compile)"
   short = xla_choice.choose(tiny_config(), FakeWorkdir(), total_steps=499,
                             per_replica_batch=8, measure_fn=measure)
   assert short["jit_compile"] is False and "499 steps" in xla_choice.describe(short)

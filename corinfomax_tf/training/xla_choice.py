@@ -115,7 +115,8 @@ def choose(cfg, workdir, *, total_steps, per_replica_batch, measurable=True, why
   workdir (by the chief) so that a resumed run keeps it."""
   given = cfg.train.jit_compile
   if given is not None:
-    return {"jit_compile": bool(given), "how": "given", "why": "given by --jit_compile"}
+    return {"jit_compile": bool(given), "how": "given",
+            "why": f"--{'' if given else 'no'}jit_compile"}
   saved = workdir.read_json(CHOICE_FILE)
   if saved is not None and workdir.has_checkpoints():
     return {**saved, "how": "earlier run",

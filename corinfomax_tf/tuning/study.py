@@ -10,6 +10,7 @@ reopening it with others is one ConfigError naming the first difference.
 
 import os
 import re
+import time
 
 import optuna
 from optuna.storages import journal
@@ -58,7 +59,7 @@ def open_storage(url, sweep_dir):
     # Several sweep processes write one file: wait for its lock instead of failing.
     kwargs = {"connect_args": {"timeout": 120}}
   try:
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    return _rdb_storage(url, kwargs)
   except ModuleNotFoundError as e:
     raise errors.ConfigError(
         f"--storage={shown}: the database driver {e.name!r} is not installed (pip "
@@ -69,6 +70,24 @@ def open_storage(url, sweep_dir):
     first = re.sub(r"\(Background on this error.*", "", first)[:240]
     raise errors.ConfigError(f"--storage={shown}: cannot be opened ({type(e).__name__}: "
                              f"{first})") from None
+
+
+# Two processes creating one new storage at once race between Optuna's "is the table
+# there?" and its CREATE TABLE (or its first version row): the loser's error says so.
+_CREATION_RACE = re.compile(r"already exists|UNIQUE constraint failed|duplicate key",
+                            re.IGNORECASE)
+
+
+def _rdb_storage(url, engine_kwargs, attempts=5):
+  """Optuna's RDBStorage; a lost race to create a new storage's tables is retried
+  (the other process made them)."""
+  for attempt in range(attempts):
+    try:
+      return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as e:  # SQLAlchemy's errors: retried only for the creation race
+      if attempt == attempts - 1 or not _CREATION_RACE.search(str(e)):
+        raise
+      time.sleep(0.2 * (attempt + 1))
 
 
 class SeededPerTrial(optuna.samplers.BaseSampler):
