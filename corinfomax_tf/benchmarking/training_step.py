@@ -51,6 +51,21 @@ def matmul_flops_per_second(n, repeats=5, rounds=3, dtype="float32"):
   return best
 
 
+def cpuinfo_fields(cpuinfo="/proc/cpuinfo"):
+  """{field: value} of the first processor /proc/cpuinfo lists (every core lists the
+  same model, clock and flags), or None where there is no such file."""
+  try:
+    with open(cpuinfo) as fh:
+      text = fh.read()
+  except OSError:
+    return None
+  fields = {}
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  return fields
+
+
 def cpu_peak(cpuinfo="/proc/cpuinfo", cores=None):
   """The CPU's theoretical float32 peak as detected: cores x FMA units x vector lanes x
   2 FLOPs (a fused multiply-add) x clock.
@@ -61,15 +76,9 @@ def cpu_peak(cpuinfo="/proc/cpuinfo", cores=None):
   AVX-512 units), except AMD with AVX-512 (Zen 4 runs a 512-bit FMA on its two 256-bit
   units: 1 unit of 16 lanes). Returns a dict with every factor, or None where the
   file says nothing (not Linux, not x86)."""
-  try:
-    with open(cpuinfo) as fh:
-      text = fh.read()
-  except OSError:
+  fields = cpuinfo_fields(cpuinfo)
+  if fields is None:
     return None
-  fields = {}
-  for line in text.splitlines():
-    key, _, value = line.partition(":")
-    fields.setdefault(key.strip(), value.strip())
   try:
     mhz = float(fields["cpu MHz"])
   except (KeyError, ValueError):

@@ -15,7 +15,6 @@ rest on the fixed-size crops' channel planes in one XLA-compiled call
 (`_photometric_planes`).
 """
 
-import dataclasses
 import functools
 import math
 

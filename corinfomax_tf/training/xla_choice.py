@@ -29,7 +29,7 @@ import platform
 
 import tensorflow as tf
 
-from corinfomax_tf.atomic_files import write_atomic
+from corinfomax_tf.atomic_files import write_json_atomic
 from corinfomax_tf.benchmarking import training_step
 
 CHOICE_FILE = "jit_compile.json"
@@ -46,28 +46,14 @@ def cache_path():
   return os.path.join(root, CHOICE_FILE)
 
 
-def cpu_description():
-  """The CPU's model name and feature flags, as /proc/cpuinfo lists them."""
-  name, features = platform.processor() or platform.machine(), ""
-  try:
-    with open("/proc/cpuinfo") as fh:
-      for line in fh:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and name in ("", platform.machine()):
-          name = value.strip()
-        elif key.strip() in ("flags", "Features") and not features:
-          features = value.strip()
-  except OSError:
-    pass
-  return name, features
-
-
 def machine_key(cfg, per_replica_batch):
   """What a measurement holds for: this CPU (and GPUs), TensorFlow's version and the
   step's shape (model, loss dimension, batch, image size, precision)."""
-  name, features = cpu_description()
+  cpu = training_step.cpuinfo_fields() or {}
+  features = cpu.get("flags", cpu.get("Features", ""))
   gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-  what = {"cpu": name, "features": hashlib.sha1(features.encode()).hexdigest()[:12],
+  what = {"cpu": cpu.get("model name", platform.processor() or platform.machine()),
+          "features": hashlib.sha1(features.encode()).hexdigest()[:12],
           "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__,
           "model": dataclasses.asdict(cfg.model), "loss": dataclasses.asdict(cfg.loss),
           "batch": per_replica_batch, "image_size": cfg.data.image_size,
@@ -148,6 +134,6 @@ def _remember(key, seconds):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     known = _read_json(path) or {}
     known[key] = seconds
-    write_atomic(path, json.dumps(known, indent=1, sort_keys=True))
+    write_json_atomic(path, known, indent=1, sort_keys=True)
   except OSError:
     pass   # a read-only home: the measurement is simply not remembered
