@@ -21,6 +21,9 @@ import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests import forkserver  # noqa: E402
+from tests import helpers  # noqa: E402
+
 
 def pytest_collection_modifyitems(items):
   # Every test that needs the smoke-trained export is slow (it trains one first).
@@ -71,26 +74,58 @@ def _quick_tests_start_no_process(request, monkeypatch):
     raise AssertionError(f"{request.node.nodeid} starts a process ({args[:1]!r}) and is "
                          "not marked @pytest.mark.slow")
   monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+  monkeypatch.setattr(forkserver.ForkedProcess, "__init__", refuse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shared_once(tmp_path_factory, name, make):
+  """`make(folder)` run once for the whole test run: under pytest-xdist the first
+  worker to ask makes it in a folder every worker sees (the run's base temporary
+  folder) while the others wait on a lock, and all return what it returned (JSON).
+  A failure is raised again in every worker that asks."""
+  import fcntl
+  import json
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    return make(str(tmp_path_factory.mktemp(name)))
+  base = tmp_path_factory.getbasetemp().parent
+  folder, done = base / name, base / f"{name}.json"
+  with open(base / f"{name}.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      try:
+        folder.mkdir()
+        answer = {"value": make(str(folder))}
+      except BaseException as exc:   # noqa: B036 (recorded, then raised)
+        answer = {"error": f"{type(exc).__name__}: {exc}"}
+        done.write_text(json.dumps(answer))
+        raise
+      done.write_text(json.dumps(answer))
+  answer = json.loads(done.read_text())
+  if "error" in answer:
+    pytest.fail(f"the shared fixture {name} failed in another worker: {answer['error']}")
+  return answer["value"]
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
   """A smoke-trained workdir and its export, shared by the export, fine-tuning and
-  detection tests."""
+  detection tests (made once for the whole run; tests copy it before changing it)."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
   def run(*args):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
-  base = tmp_path_factory.mktemp("export")
-  workdir = str(base / "run")
-  result = run("-m", "corinfomax_tf.train", f"--flagfile={ROOT}/configs/smoke.cfg",
-               f"--workdir={workdir}", "--probe_epochs=0")
-  assert result.returncode == 0, result.stderr[-3000:]
-  export_dir = os.path.join(workdir, "export")
-  result = run("export/export_encoder.py", f"--workdir={workdir}", f"--export_dir={export_dir}")
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "reload check passed" in result.stdout
-  return workdir, export_dir
+    return helpers.run([sys.executable, *args], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=ROOT)
+
+  def make(base):
+    workdir = os.path.join(base, "run")
+    result = run("-m", "corinfomax_tf.train", f"--flagfile={ROOT}/configs/smoke.cfg",
+                 f"--workdir={workdir}", "--probe_epochs=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    export_dir = os.path.join(workdir, "export")
+    result = run("export/export_encoder.py", f"--workdir={workdir}",
+                 f"--export_dir={export_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reload check passed" in result.stdout
+    return [workdir, export_dir]
+  return tuple(shared_once(tmp_path_factory, "trained", make))

@@ -5,6 +5,13 @@ import os
 import numpy as np
 from PIL import Image
 
+from tests import forkserver
+
+# Commands run as forks of a process that has imported TensorFlow once
+# (tests/forkserver.py); the same signatures as subprocess's.
+popen = forkserver.popen
+run = forkserver.run
+
 
 def write_image_folder(root, classes=3, per_class=6, size=(20, 24), splits=("train", "test"),
                        seed=0):
@@ -29,9 +36,9 @@ def assert_one_line_errors(module, common, cases, env, cwd):
   status 2, `needle` in the last stderr line, and no traceback."""
   import subprocess
   import sys
-  procs = [(subprocess.Popen([sys.executable, "-m", module, *common, *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env, cwd=cwd), needle) for args, needle in cases]
+  procs = [(popen([sys.executable, "-m", module, *common, *args], stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE, text=True, env=env, cwd=cwd), needle)
+           for args, needle in cases]
   for proc, needle in procs:
     _, err = proc.communicate(timeout=300)
     last = err.strip().splitlines()[-1]
@@ -50,17 +57,16 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 def run_command(module, *args, timeout=300):
   """`python -m <module> *args` from the repository root; the CompletedProcess."""
-  import subprocess
   import sys
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
-                        text=True, timeout=timeout, env=ENV, cwd=ROOT)
+  return run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+             timeout=timeout, env=ENV, cwd=ROOT)
 
 
 def start_command(module, *args):
   """`python -m <module> *args` started in the background; the Popen."""
   import subprocess
   import sys
-  return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+  return popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
 
 

@@ -4,10 +4,11 @@ training command itself, in test_train.py.)"""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+from tests import helpers
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ FIELDS = {"config", "device", "images_per_second", "ms_per_step", "traces", "los
 
 def benchmark(*args):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  result = subprocess.run(
+  result = helpers.run(
       [sys.executable, "-m", "corinfomax_tf.benchmark", f"--flagfile={SMOKE}", "--json",
        "--warmup_steps=1", "--loss_dims=8,16", "--pipeline_batches=2", "--matmul_size=128",
        *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
@@ -95,7 +96,7 @@ def test_input_only_times_decode_and_the_two_view_pipeline(tmp_path):
           "--pipeline_batches=2"]
   runs = []
   for _ in range(2):   # the second run reuses the generated folder
-    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT,
+    result = helpers.run(args, capture_output=True, text=True, env=env, cwd=ROOT,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     runs.append(json.loads(result.stdout.strip().splitlines()[-1]))

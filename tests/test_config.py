@@ -9,6 +9,7 @@ from absl import flags
 from corinfomax_tf import config
 from corinfomax_tf import flags as flags_lib
 from corinfomax_tf import errors
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags_lib.define_flags()
@@ -225,7 +226,6 @@ def test_the_training_images_are_identified_by_their_files(tmp_path):
 def test_linear_eval_flagfiles_parse():
   """The linear_eval command's own flags, parsed in a separate process (its flags
   share names with the pretraining command's)."""
-  import subprocess
   import sys
   script = (
       "import sys\n"
@@ -237,7 +237,7 @@ def test_linear_eval_flagfiles_parse():
       "  flags.FLAGS(['x', '--flagfile=' + path])\n"
       "  assert open(path).readline().startswith('# '), path\n"
       "  print(path, flags.FLAGS.epochs, flags.FLAGS.batch_size, flags.FLAGS.schedule)\n")
-  result = subprocess.run([sys.executable, "-c", script, *LINEAR_CONFIGS],
+  result = helpers.run([sys.executable, "-c", script, *LINEAR_CONFIGS],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env=dict(os.environ))
   assert result.returncode == 0, result.stderr[-2000:]
@@ -281,7 +281,6 @@ def test_flags_that_contradict_the_rest_are_named(args, needle):
 def test_downstream_flagfiles_parse_with_their_command(module, prefix, expected):
   """Each downstream command's flagfiles, parsed with its own flags (and the
   contradiction check) in a separate process."""
-  import subprocess
   import sys
   paths = sorted(glob.glob(os.path.join(ROOT, "configs", f"{prefix}*.cfg")))
   script = (
@@ -296,7 +295,7 @@ def test_downstream_flagfiles_parse_with_their_command(module, prefix, expected)
       "  flags.FLAGS(['x', '--flagfile=' + path])\n"
       "  assert open(path).readline().startswith('# '), path\n"
       "  print(path, flags.FLAGS.epochs)\n")
-  result = subprocess.run([sys.executable, "-c", script, *paths],
+  result = helpers.run([sys.executable, "-c", script, *paths],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env=dict(os.environ))
   assert result.returncode == 0, result.stderr[-2000:]

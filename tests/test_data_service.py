@@ -81,7 +81,7 @@ def digest(array):
 
 def _server(*args):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.Popen([sys.executable, "-m", "corinfomax_tf.data_service", *args],
+  return helpers.popen([sys.executable, "-m", "corinfomax_tf.data_service", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env, cwd=helpers.ROOT)
 

@@ -3,7 +3,6 @@ backbone, and the command."""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -214,7 +213,7 @@ def test_command_resumes_writes_results_and_names_bad_input(trained, tmp_path):
             "--eval_every_epochs=1"]
 
   def run(*args):
-    return subprocess.run([sys.executable, "-m", "corinfomax_tf.detect", *common, *args],
+    return helpers.run([sys.executable, "-m", "corinfomax_tf.detect", *common, *args],
                           capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
   # Training, results and resuming (killed, rerun) are tested in test_resume.py.
 

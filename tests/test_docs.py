@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 
 import pytest
@@ -172,7 +171,7 @@ def test_every_command_named_in_the_docs_exists_and_its_flags_parse():
   assert sum(len(v) for v in by_module.values()) >= 40
   failures = []
   for module, argvs in sorted(by_module.items()):
-    result = subprocess.run([sys.executable, "-c", PARSE, module, json.dumps(argvs)],
+    result = helpers.run([sys.executable, "-c", PARSE, module, json.dumps(argvs)],
                             capture_output=True, text=True, cwd=ROOT, env=helpers.ENV,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -20,7 +19,7 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def run(*args, timeout=300):
-  return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+  return helpers.run([sys.executable, *args], capture_output=True, text=True,
                         timeout=timeout, env=ENV, cwd=ROOT)
 
 
@@ -107,7 +106,7 @@ def test_the_preset_loads_in_keras_hub_on_every_backend(trained, tmp_path, backe
   _, export_dir = trained
   images = np.random.RandomState(3).rand(5, 8, 8, 3).astype(np.float32)
   np.save(tmp_path / "images.npy", images)
-  result = subprocess.run(
+  result = helpers.run(
       [sys.executable, "-c", PRESET_SCRIPT, os.path.join(export_dir, "preset"),
        str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=300,
       env=dict(ENV, KERAS_BACKEND=backend), cwd=ROOT)

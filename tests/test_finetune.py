@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -23,7 +22,7 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def run_cli(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "corinfomax_tf.finetune", *args],
+  return helpers.run([sys.executable, "-m", "corinfomax_tf.finetune", *args],
                         capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
 
 

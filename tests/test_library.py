@@ -9,7 +9,6 @@ and evaluate them, and execute the README's Python example.
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -200,7 +199,7 @@ print(json.dumps({"relative_difference": float(np.abs(pooled - want).max() /
 
 
 def _run(args, cwd, env=ENV, timeout=400):
-  result = subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=env,
+  result = helpers.run(args, capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=timeout)
   assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-3000:])
   return result
@@ -286,7 +285,7 @@ def test_mobilenet_from_its_config_pretrains_exports_and_evaluates(tmp_path):
   assert tuned["epochs"] == 1
   with open(tmp_path / "finetune" / "finetune.json") as fh:
     assert [h["epoch"] for h in json.load(fh)["history"]] == [1]
-  detect = subprocess.run([sys.executable, "-m", "corinfomax_tf.detect",
+  detect = helpers.run([sys.executable, "-m", "corinfomax_tf.detect",
                            f"--encoder={export}", "--epochs=1"], capture_output=True,
                           text=True, cwd=str(tmp_path), env=ENV, timeout=300)
   assert detect.returncode == 2 and "Traceback" not in detect.stderr

@@ -114,7 +114,7 @@ def _get(port, path):
 def test_a_real_tensorboard_server_lists_the_run(tmp_path):
   workdir = str(tmp_path / "run")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  result = subprocess.run(
+  result = helpers.run(
       [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
        f"--workdir={workdir}", "--monitor_every_steps=1", "--online_probe",
        "--knn_every_epochs=1", "--knn_k=5", "--preview_images=4"],
@@ -123,7 +123,7 @@ def test_a_real_tensorboard_server_lists_the_run(tmp_path):
   # Off a terminal: one line per epoch, no carriage-return bar.
   assert "\r" not in result.stdout and "Epoch 2/2: 3 steps in" in result.stdout
   port = helpers.free_port()
-  server = subprocess.Popen(
+  server = helpers.popen(
       [sys.executable, "-m", "tensorboard.main", f"--logdir={workdir}", f"--port={port}",
        "--host=127.0.0.1", "--load_fast=false"],
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)

@@ -143,7 +143,7 @@ def test_the_cards_command_offline_answers_at_once_with_one_line(tmp_path):
   env = dict(helpers.ENV, CORINFOMAX_NETWORK_PROBE=f"127.0.0.1:{_closed_port()}")
   common = ["--flagfile=configs/cifar100.cfg", f"--tfds_data_dir={tmp_path / 'tfds'}"]
   started = time.time()
-  procs = [subprocess.Popen([sys.executable, "-m", "corinfomax_tf.train", *common,
+  procs = [helpers.popen([sys.executable, "-m", "corinfomax_tf.train", *common,
                              f"--workdir={tmp_path / str(i)}", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=helpers.ROOT)
@@ -287,7 +287,7 @@ def test_embed_writes_the_digits_test_split_and_tensorboard_serves_it(trained, t
   assert again.returncode == 0 and "Reusing the 360 embeddings" in again.stdout
 
   port = helpers.free_port()
-  server = subprocess.Popen(
+  server = helpers.popen(
       [sys.executable, "-m", "tensorboard.main", f"--logdir={out}", f"--port={port}",
        "--host=127.0.0.1", "--load_fast=false"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=helpers.ENV)

@@ -5,7 +5,6 @@ the other formats are still written; embed and knn-eval on --runtime=onnx."""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -51,7 +50,7 @@ print(json.dumps({"onnx": float(np.abs(onnx - want).max() / scale),
 
 
 def _compare(export):
-  result = subprocess.run([sys.executable, "-c", COMPARE, export], capture_output=True,
+  result = helpers.run([sys.executable, "-c", COMPARE, export], capture_output=True,
                           text=True, env=helpers.ENV, cwd="/", timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])

@@ -231,7 +231,7 @@ def test_reruns_answer_for_the_encoder_and_images_they_are_given(trained, tmp_pa
 
 
 def _service(*args):
-  return subprocess.Popen([sys.executable, "-m", "corinfomax_tf.data_service", *args],
+  return helpers.popen([sys.executable, "-m", "corinfomax_tf.data_service", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=helpers.ENV, cwd=helpers.ROOT)
 
@@ -247,7 +247,7 @@ def test_a_data_service_without_workers_says_so_and_honours_sigterm(tmp_path):
                                f"--port={port}")
     assert busy.returncode == 2 and busy.stderr.strip().splitlines()[-1].startswith(
         f"error: --port={port}: in use")
-    trainer = subprocess.Popen(
+    trainer = helpers.popen(
         [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={helpers.SMOKE}",
          f"--workdir={tmp_path}/run", "--dataset=images", f"--data_dir={root}",
          "--image_size=12", "--steps_per_epoch=0", "--probe_epochs=0", "--preview_images=0",

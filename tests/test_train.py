@@ -20,7 +20,7 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.cfg")
 
 def train(*args, timeout=300):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "-m", "corinfomax_tf.train", *args],
+  return helpers.run([sys.executable, "-m", "corinfomax_tf.train", *args],
                         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -152,7 +152,7 @@ def _start(workdir):
   args = [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
           f"--workdir={workdir}", "--epochs=8", "--steps_per_epoch=2", "--deterministic",
           "--probe_epochs=0"]
-  return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  return helpers.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env, cwd=ROOT)
 
 
@@ -214,7 +214,7 @@ def test_extension_killed_midway_resumes_to_the_uninterrupted_result(tmp_path):
   assert summary(reference)["step"] == 16
 
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.Popen(
+  proc = helpers.popen(
       [sys.executable, "-m", "corinfomax_tf.train", *common, f"--workdir={workdir}",
        "--extend_epochs=4@0.02"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True, env=env, cwd=ROOT)
@@ -322,7 +322,7 @@ def _launch_workers(workdir, *args, ports=None):
   for index in range(2):
     tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=tf_config)
-    procs.append(subprocess.Popen(
+    procs.append(helpers.popen(
         [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
          f"--workdir={workdir}", "--strategy=multi_worker", "--probe_epochs=0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
@@ -349,7 +349,7 @@ def test_two_workers_match_one_process_on_the_same_global_batch(tmp_path):
   images = helpers.write_image_folder(str(tmp_path / "images"), per_class=12)
   data_flags = ["--dataset=folder", f"--data_dir={images}", "--deterministic"]
   procs, _ = _launch_workers(workers_dir, *data_flags)
-  single = subprocess.Popen(
+  single = helpers.popen(
       [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
        f"--workdir={single_dir}", "--strategy=mirrored", "--num_cpu_devices=2",
        "--probe_epochs=0", *data_flags],
@@ -420,7 +420,7 @@ def test_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   args = [sys.executable, "-m", "corinfomax_tf.train", f"--flagfile={SMOKE}",
           f"--workdir={workdir}", "--epochs=4", "--probe_epochs=0"]
-  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  proc = helpers.popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True,
                           preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
   deadline = time.time() + 240

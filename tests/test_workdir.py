@@ -23,7 +23,7 @@ HOLD = ("import sys, time\n"
 
 def _hold(path):
   """A process holding the workdir's lock until killed."""
-  proc = subprocess.Popen([sys.executable, "-c", HOLD, path], stdout=subprocess.PIPE,
+  proc = helpers.popen([sys.executable, "-c", HOLD, path], stdout=subprocess.PIPE,
                           text=True, env=helpers.ENV, cwd=helpers.ROOT)
   assert proc.stdout.readline().strip() == "locked"
   return proc
@@ -187,7 +187,7 @@ def test_a_workdir_written_before_the_lifecycle_layer_resumes_and_exports(tmp_pa
   path = str(tmp_path / "old")
   shutil.copytree(os.path.join(helpers.ROOT, "tests", "fixtures", "workdir_275a4f4"), path)
   export_dir = str(tmp_path / "export")
-  result = subprocess.run([sys.executable, "export/export_encoder.py", f"--workdir={path}",
+  result = helpers.run([sys.executable, "export/export_encoder.py", f"--workdir={path}",
                            f"--export_dir={export_dir}"], capture_output=True, text=True,
                           env=helpers.ENV, cwd=helpers.ROOT, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
