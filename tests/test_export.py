@@ -34,6 +34,10 @@ def test_export_layout_and_metadata(trained):
                                   "output": "feature map, average-pooled",
                                   "input_size": None}
   assert meta["config"]["loss"]["alpha"] == 50
+  # The trained fixture's export runs both converters on our ResNet.
+  assert meta["files"] == ["saved_model.pb", "variables/", "assets.extra/corinfomax_tf.json",
+                           "encoder.onnx", "encoder.tflite", "preset/"]
+  assert export_lib.files_line(export_dir) == "Files: " + ", ".join(meta["files"])
 
 
 def test_fresh_process_gives_the_live_features_for_batches_of_1_and_7(trained, tmp_path):

@@ -76,6 +76,15 @@ def test_a_converter_failure_is_one_line_and_the_other_format_is_written(tmp_pat
   report = runtimes.check_runtime_files(str(tmp_path), files, images, want, log=lines.append)
   assert report["onnx"] == files["onnx"]
   assert report["litert"]["relative_difference"] < runtimes.TOLERANCE
+  # The export's line and metadata say what is missing and why.
+  from corinfomax_tf.export import saved_model
+  (tmp_path / "assets.extra").mkdir()
+  (tmp_path / saved_model.METADATA_FILE).write_text(json.dumps({
+      "format": saved_model.FORMAT, "runtimes": report,
+      "files": ["saved_model.pb", "variables/", "encoder.tflite", "preset/"]}))
+  assert saved_model.files_line(str(tmp_path)) == (
+      "Files: saved_model.pb, variables/, encoder.tflite, preset/; not written: "
+      "encoder.onnx (NotImplementedError: op Foo)")
   # Past the tolerance the export stops, naming the file and the way out.
   from corinfomax_tf import errors
   with pytest.raises(errors.ExportError, match=r"encoder.tflite: ai-edge-litert gives "

@@ -34,6 +34,7 @@ def main(flag_values):
       runner.log(f"{entry['file']}: {entry['runtime']} gives the SavedModel's features to "
                  f"{entry['relative_difference']:.2g} (tolerance {entry['tolerance']:g})")
   runner.log(f"Exported step {step} to {path}; {cfg.export_dir} -> it; reload check passed")
+  runner.log(saved_model.files_line(path))
 
 
 def run():

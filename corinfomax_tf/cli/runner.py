@@ -106,6 +106,17 @@ def help_text(main, own_flags):
   return "\n".join(lines)
 
 
+def check_backend():
+  """The commands run on Keras' TensorFlow backend: another one named by
+  KERAS_BACKEND is one line, before TensorFlow starts."""
+  backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+  if backend != "tensorflow":
+    raise errors.ConfigError(
+        f"KERAS_BACKEND={backend}: the corinfomax commands train and export on the "
+        "TensorFlow backend only (training on JAX or PyTorch is not supported yet); "
+        "unset it or set KERAS_BACKEND=tensorflow")
+
+
 def run(main, define_flags, *, quiet_level="warning", required=()):
   """Defines the flags, parses argv and runs `main(FLAGS)` under the error policy.
 
@@ -136,6 +147,7 @@ def run(main, define_flags, *, quiet_level="warning", required=()):
       for name, what in required:
         if not flags.FLAGS[name].value:
           raise errors.ConfigError(f"--{name} is required ({what})")
+      check_backend()
       main(flags.FLAGS)
     except errors.UserError as e:
       fail(e)

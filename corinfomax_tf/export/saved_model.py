@@ -264,6 +264,7 @@ def _write_step(backbone, metadata, export_dir, tmp, final, onnx, litert, log):
     metadata = {**metadata, "runtimes": _runtime_files(backbone, metadata, tmp, onnx,
                                                        litert, log)}
   os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+  metadata = {**metadata, "files": _file_list(backbone, metadata)}
   with open(os.path.join(tmp, METADATA_FILE), "w") as fh:
     json.dump(metadata, fh, indent=2, sort_keys=True)
   if has_preset_support(backbone):
@@ -277,6 +278,31 @@ def _write_step(backbone, metadata, export_dir, tmp, final, onnx, litert, log):
     os.rename(tmp, final)
   _point_link(export_dir, os.path.relpath(final, os.path.dirname(export_dir) or "."))
   return final
+
+
+def _file_list(backbone, metadata):
+  """What an export step holds, for its metadata and the command's line."""
+  files = ["saved_model.pb", "variables/", METADATA_FILE]
+  files += [entry["file"] for entry in metadata.get("runtimes", {}).values()
+            if "file" in entry and "error" not in entry]
+  if has_preset_support(backbone):
+    files.append(PRESET_DIR + "/")
+  return files
+
+
+def files_line(path):
+  """One line: the files an export step holds and, for a runtime file that was
+  asked for and is missing, why (from its metadata)."""
+  metadata = read_metadata(path)
+  files = metadata.get("files") or ["saved_model.pb", "variables/"]
+  line = "Files: " + ", ".join(files)
+  names = {"onnx": runtimes.ONNX_FILE, "litert": runtimes.LITERT_FILE}
+  missing = [f"{entry.get('file', names.get(name, name))} ({entry['error']})"
+             for name, entry in sorted(metadata.get("runtimes", {}).items())
+             if "error" in entry]
+  if missing:
+    line += "; not written: " + "; ".join(missing)
+  return line
 
 
 def _runtime_files(backbone, metadata, directory, onnx, litert, log):

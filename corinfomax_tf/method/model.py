@@ -113,6 +113,8 @@ class CorInfoMax(keras.Model):
                                        name="step_counter",
                                        aggregation="only_first_replica")
     self._pending_schedule = None
+    self._schedule = None
+    self._compile_args = None
     self.built = True
 
   @property
@@ -138,20 +140,61 @@ class CorInfoMax(keras.Model):
       **kwargs: passed to `keras.Model.compile` (`jit_compile`, ...).
     """
     self._pending_schedule = None
-    if isinstance(optimizer, str) and optimizer == "auto":
+    self._schedule = None
+    auto = isinstance(optimizer, str) and optimizer == "auto"
+    self._compile_args = {
+        "optimizer": "auto" if auto else optimizer, "learning_rate": learning_rate,
+        "momentum": momentum, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs,
+        "warmup_start_lr": warmup_start_lr, "min_lr": min_lr, "total_steps": total_steps,
+        "warmup_steps": warmup_steps, **kwargs}
+    if auto:
       optimizer, schedule = schedules.reference_optimizer(
           learning_rate, total_steps or 1, warmup_steps or 0, momentum=momentum,
           weight_decay=weight_decay, warmup_start_lr=warmup_start_lr, min_lr=min_lr)
+      self._schedule = schedule
       if total_steps is None:
         self._pending_schedule = (schedule, warmup_epochs, warmup_steps)
     super().compile(optimizer=optimizer, **kwargs)
     self.optimizer.build(self.pretraining_variables)
 
+  def get_compile_config(self):
+    """`compile`'s arguments, with the schedule's length once `fit` sized it, so
+    that `keras.models.load_model` compiles the same training again (the optimizer's
+    state, step and the loss's running estimates are restored with the weights)."""
+    args = dict(getattr(self, "_compile_args", None) or {})
+    if not args:
+      return None
+    if self._schedule is not None and self._pending_schedule is None:
+      args["total_steps"] = int(self._schedule.total_steps)
+      args["warmup_steps"] = int(self._schedule.warmup_steps)
+    if args["optimizer"] != "auto":
+      args["optimizer"] = keras.saving.serialize_keras_object(self.optimizer)
+    return args
+
+  def compile_from_config(self, config):
+    """Compiles from `get_compile_config()` (what `load_model` calls)."""
+    config = dict(config)
+    if config.get("optimizer", "auto") != "auto":
+      config["optimizer"] = keras.saving.deserialize_keras_object(config["optimizer"])
+    self.compile(**config)
+
   def fit(self, x=None, y=None, epochs=1, steps_per_epoch=None, **kwargs):
-    """`keras.Model.fit`; the first call sizes a schedule `compile` left open."""
+    """`keras.Model.fit`; the first call sizes a schedule `compile` left open.
+
+    `x` holds both views of every image, stacked as (batch, 2, H, W, 3): a
+    tf.data.Dataset (what `corinfomax_tf.two_views` makes from images) or an array
+    of such views. Arrays of single images are refused with one line naming
+    `two_views`: the views are drawn anew every epoch, which a fixed array cannot do.
+    """
+    if keras.backend.backend() != "tensorflow":
+      raise RuntimeError(
+          f"CorInfoMax trains on Keras' TensorFlow backend only; this one is "
+          f"{keras.backend.backend()!r} (KERAS_BACKEND): training on JAX or PyTorch is "
+          "not supported yet. Set KERAS_BACKEND=tensorflow before importing keras")
+    _check_fit_input(x)
     if self._pending_schedule is not None:
       schedule, warmup_epochs, warmup_steps = self._pending_schedule
-      steps = steps_per_epoch or _finite_length(x)
+      steps = steps_per_epoch or _finite_length(x, kwargs.get("batch_size"))
       if not steps:
         raise ValueError(
             "The learning-rate schedule needs the epoch's length: pass steps_per_epoch "
@@ -299,12 +342,41 @@ class CorInfoMax(keras.Model):
     return logs
 
 
-def _finite_length(dataset):
-  """The number of batches of a finite tf.data.Dataset; None otherwise."""
+def _finite_length(dataset, batch_size=None):
+  """The number of batches of a finite tf.data.Dataset, or of an array of views
+  in batches of `batch_size` (Keras' default 32); None otherwise."""
+  if isinstance(dataset, (tuple, list)) and dataset:
+    dataset = dataset[0]
   if not isinstance(dataset, tf.data.Dataset):
-    return None
+    shape = getattr(dataset, "shape", None)
+    if shape is None or len(shape) == 0 or shape[0] is None:
+      return None
+    return -(-int(shape[0]) // int(batch_size or 32))
   n = int(dataset.cardinality())
   return n if n > 0 else None
+
+
+def _check_fit_input(x):
+  """One line for what `fit` cannot take: arrays that are not stacked views."""
+  array = x[0] if isinstance(x, (tuple, list)) and x else x
+  if array is None or isinstance(array, tf.data.Dataset):
+    return
+  shape = getattr(array, "shape", None)
+  if shape is None or not hasattr(array, "dtype"):
+    return   # generators and PyDatasets: their batches are checked by the step
+  shape = tuple(shape)
+  if len(shape) == 5 and shape[1] == 2:
+    return
+  if len(shape) == 4:
+    raise ValueError(
+        "CorInfoMax.fit takes two augmented views of every image, stacked as (batch, 2, "
+        "height, width, channels), and draws new views each epoch: make them with "
+        "corinfomax_tf.two_views(tf.data.Dataset.from_tensor_slices(images), "
+        f"image_size={shape[1]}, batch_size=...). Received: x with shape {shape} "
+        "(single images)")
+  raise ValueError("CorInfoMax.fit takes both views stacked as (batch, 2, height, width, "
+                   "channels), or a tf.data.Dataset of them (corinfomax_tf.two_views). "
+                   f"Received: x with shape {shape}")
 
 
 def _projector(projector, feature_dim, batch_norm, l2_normalize, sync_batch_norm):

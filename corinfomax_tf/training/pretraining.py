@@ -609,6 +609,7 @@ class PretrainingJob:
                                             litert=t.export_runtimes, log=self.log)
     self.summary["export"] = export_dir
     self.log(f"Exported step {step} to {path}; {export_dir} -> it; reload check passed")
+    self.log(saved_model.files_line(path))
 
   def evaluate(self):
     """The quick linear probe of the trained (and of a random) encoder, on the chief."""
