@@ -30,6 +30,11 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if "trained" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.slow)
+  # `alone` tests first: at the start the workers are not yet inside long tests, so
+  # the others wait little for an `alone` test to begin (and its processes keep the
+  # cores busy while they wait); later, a worker would sit idle until the other
+  # worker's running test ended.
+  items.sort(key=lambda item: item.get_closest_marker("alone") is None)
 
 
 # The suite runs on pytest-xdist workers (pyproject's addopts: -n auto, at most 4). A
