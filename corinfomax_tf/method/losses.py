@@ -11,6 +11,8 @@ precision, because the log-determinant of a 2048x2048 covariance is ill-conditio
 in float32.
 """
 
+import types
+
 import keras
 import tensorflow as tf
 
@@ -105,7 +107,7 @@ def branch_terms(mu, R, z, la_mu, la_R, eps):
 
 
 def corinfomax_terms(z1, z2, state, *, alpha, cov_weight, la_R, la_mu, eps,
-                     covariance="per_branch"):
+                     covariance="per_branch", math=None):
   """Loss terms and the next state for one step.
 
   Args:
@@ -114,25 +116,30 @@ def corinfomax_terms(z1, z2, state, *, alpha, cov_weight, la_R, la_mu, eps,
     state: dict with "mu1", "R1", "mu2", "R2" (per_branch) or "mu", "R" (shared).
     alpha, cov_weight, la_R, la_mu, eps: the loss hyperparameters.
     covariance: "per_branch" or "shared".
+    math: the array functions (`TF_MATH`, or `losses_jax.JAX_MATH` on Keras' JAX
+      backend); None: TensorFlow's.
 
   Returns:
     (terms, new_state): terms is a dict with float64 scalars "loss", "attraction",
     "cov" and the log-determinants ("logdet1"/"logdet2" or "logdet"); new_state
     has the same keys as `state`.
   """
-  z1 = tf.cast(z1, tf.float64)
-  z2 = tf.cast(z2, tf.float64)
-  d = tf.cast(tf.shape(z1)[-1], tf.float64)
-  attraction = attraction_term(z1, z2)
+  m = math or TF_MATH
+  z1 = m.float64(z1)
+  z2 = m.float64(z2)
+  d = m.width(z1)
+  attraction = m.attraction_term(z1, z2)
   terms = {"attraction": attraction}
   if covariance == "per_branch":
-    mu1, R1, terms["logdet1"] = branch_terms(state["mu1"], state["R1"], z1, la_mu, la_R, eps)
-    mu2, R2, terms["logdet2"] = branch_terms(state["mu2"], state["R2"], z2, la_mu, la_R, eps)
+    mu1, R1, terms["logdet1"] = m.branch_terms(state["mu1"], state["R1"], z1, la_mu, la_R,
+                                               eps)
+    mu2, R2, terms["logdet2"] = m.branch_terms(state["mu2"], state["R2"], z2, la_mu, la_R,
+                                               eps)
     cov = -(terms["logdet1"] + terms["logdet2"]) / d
     new_state = {"mu1": mu1, "R1": R1, "mu2": mu2, "R2": R2}
   elif covariance == "shared":
-    mu, R, terms["logdet"] = branch_terms(state["mu"], state["R"],
-                                          tf.concat([z1, z2], axis=0), la_mu, la_R, eps)
+    mu, R, terms["logdet"] = m.branch_terms(state["mu"], state["R"], m.concat(z1, z2),
+                                            la_mu, la_R, eps)
     cov = -terms["logdet"] / d
     new_state = {"mu": mu, "R": R}
   else:
@@ -141,6 +148,14 @@ def corinfomax_terms(z1, z2, state, *, alpha, cov_weight, la_R, la_mu, eps,
   terms["cov"] = cov
   terms["loss"] = alpha * attraction + cov_weight * cov
   return terms, new_state
+
+
+# The array functions `corinfomax_terms` uses, TensorFlow's.
+TF_MATH = types.SimpleNamespace(
+    float64=lambda z: tf.cast(z, tf.float64),
+    width=lambda z: tf.cast(tf.shape(z)[-1], tf.float64),
+    attraction_term=attraction_term, branch_terms=branch_terms,
+    concat=lambda a, b: tf.concat([a, b], axis=0))
 
 
 def updated_cross_covariance(R12, z1_centred, z2_centred, la_R):
@@ -222,6 +237,9 @@ class CorInfoMaxLoss(keras.layers.Layer):
     self.R_ini = float(R_ini)
     self.covariance = covariance
     self.track_cross_covariance = bool(track_cross_covariance)
+    if keras.backend.backend() == "jax":
+      from corinfomax_tf.method import losses_jax   # JAX is optional: only this backend
+      losses_jax.enable_float64()   # before the float64 state below is created
     self._build_state()
     self.built = True
 
@@ -265,6 +283,8 @@ class CorInfoMaxLoss(keras.layers.Layer):
     if z1.shape[-1] is not None and z1.shape[-1] != self.dim:
       raise ValueError(f"CorInfoMaxLoss was built for dim={self.dim}. "
                        f"Received: z1 with shape {z1.shape}")
+    if keras.backend.backend() == "jax":
+      return self._call_jax(z1, z2, training)
     current = {name: tf.convert_to_tensor(var) for name, var in self.state.items()}
     terms, new_state = corinfomax_terms(
         z1, z2, current, alpha=self.alpha, cov_weight=self.cov_weight,
@@ -273,14 +293,32 @@ class CorInfoMaxLoss(keras.layers.Layer):
       for name, value in new_state.items():
         getattr(self, name).assign(tf.stop_gradient(value))
       if self.R12 is not None:
-        z1c, z2c = self._centred_views(z1, z2, new_state)
+        z1c, z2c = self._centred_views(tf.stop_gradient(tf.cast(z1, tf.float64)),
+                                       tf.stop_gradient(tf.cast(z2, tf.float64)),
+                                       new_state)
         self.R12.assign(updated_cross_covariance(
             tf.convert_to_tensor(self.R12), z1c, z2c, self.la_R))
     return terms
 
+  def _call_jax(self, z1, z2, training):
+    """The same terms and state updates on Keras' JAX backend (float64: JAX's 64-bit
+    mode, which `__init__` turned on)."""
+    from corinfomax_tf.method import losses_jax   # JAX is optional: only this backend
+    current = {name: var.value for name, var in self.state.items()}
+    terms, new_state = losses_jax.corinfomax_terms(
+        z1, z2, current, alpha=self.alpha, cov_weight=self.cov_weight,
+        la_R=self.la_R, la_mu=self.la_mu, eps=self.eps, covariance=self.covariance)
+    if training:
+      for name, value in new_state.items():
+        getattr(self, name).assign(value)
+      if self.R12 is not None:
+        stopped = [losses_jax.JAX_MATH.float64(losses_jax.stop_gradient(z)) for z in (z1, z2)]
+        z1c, z2c = self._centred_views(*stopped, new_state)
+        self.R12.assign(losses_jax.updated_cross_covariance(self.R12.value, z1c, z2c,
+                                                            self.la_R))
+    return terms
+
   def _centred_views(self, z1, z2, new_state):
-    z1 = tf.stop_gradient(tf.cast(z1, tf.float64))
-    z2 = tf.stop_gradient(tf.cast(z2, tf.float64))
     if self.covariance == "per_branch":
       return z1 - new_state["mu1"], z2 - new_state["mu2"]
     return z1 - new_state["mu"], z2 - new_state["mu"]

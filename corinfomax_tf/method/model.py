@@ -186,11 +186,7 @@ class CorInfoMax(keras.Model):
     of such views. Arrays of single images are refused with one line naming
     `two_views`: the views are drawn anew every epoch, which a fixed array cannot do.
     """
-    if keras.backend.backend() != "tensorflow":
-      raise RuntimeError(
-          f"CorInfoMax trains on Keras' TensorFlow backend only; this one is "
-          f"{keras.backend.backend()!r} (KERAS_BACKEND): training on JAX or PyTorch is "
-          "not supported yet. Set KERAS_BACKEND=tensorflow before importing keras")
+    check_backend(self)
     _check_fit_input(x)
     if self._pending_schedule is not None:
       schedule, warmup_epochs, warmup_steps = self._pending_schedule
@@ -234,6 +230,13 @@ class CorInfoMax(keras.Model):
     """The weights the CorInfoMax loss trains (the online probe has its own)."""
     return self.encoder.trainable_variables + self.projector.trainable_variables
 
+  def _symbolic_build(self, iterator=None, data_batch=None):
+    # The JAX trainer's build (the TensorFlow one's is below): everything is built
+    # in __init__ and compile; a symbolic call would feed stacked views to the
+    # backbone.
+    if self.optimizer is not None and not self.optimizer.built:
+      super()._symbolic_build(iterator=iterator, data_batch=data_batch)
+
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     # Everything is built inside the strategy scope before fit. Keras' symbolic
     # build would reduce a first (views, labels) batch across workers, which fails
@@ -258,7 +261,10 @@ class CorInfoMax(keras.Model):
     terms = self.loss_layer(z1, z2, training=training)
     return (terms, h1) if return_features else terms
 
-  def train_step(self, data):
+  def train_step(self, *args):
+    if len(args) == 2:   # Keras' JAX trainer: (state, data) -> (logs, state)
+      return _jax_step().train_step(self, *args)
+    data, = args
     views, labels = self._unpack(data)
     x1, x2 = split_views(views)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -280,7 +286,11 @@ class CorInfoMax(keras.Model):
     # estimate of the global norm that costs no extra all-reduce. fit() averages the
     # replicas' logs, so a non-finite gradient on any replica reaches the logs, where
     # the non-finite guard stops the run before the next checkpoint (tested).
-    grad_norm = tf.linalg.global_norm(grads) / scale * replicas
+    # Dense first: an embedding's gradient is IndexedSlices whose rows repeat (one per
+    # lookup), and the norm of the rows is not the norm of their sum.
+    grad_norm = tf.linalg.global_norm(
+        [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+         for g in grads]) / scale * replicas
     if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
       # An overflowing float16 step is skipped by the optimizer: log 0, not inf.
       grad_norm = tf.where(tf.math.is_finite(grad_norm), grad_norm, 0.0)
@@ -327,7 +337,10 @@ class CorInfoMax(keras.Model):
       correct = distribute.gather(correct)
     return {"probe_loss": loss, "probe_top1": 100.0 * tf.reduce_mean(correct)}
 
-  def test_step(self, data):
+  def test_step(self, *args):
+    if len(args) == 2:   # Keras' JAX trainer
+      return _jax_step().test_step(self, *args)
+    data, = args
     views, _ = self._unpack(data)
     x1, x2 = split_views(views)
     terms = self.compute_loss_terms(x1, x2, training=False)
@@ -336,10 +349,35 @@ class CorInfoMax(keras.Model):
   def _update_metrics(self, terms):
     logs = {}
     for name, tracker in self.trackers.items():
-      tracker.update_state(tf.cast(terms[name], tf.float32))
+      tracker.update_state(keras.ops.cast(terms[name], "float32"))
       value = tracker.result()
-      logs[name] = tf.reshape(value, [1]) if self.vector_logs else value
+      logs[name] = keras.ops.reshape(value, [1]) if self.vector_logs else value
     return logs
+
+
+def _jax_step():
+  from corinfomax_tf.method import jax_step   # JAX is optional: only that backend
+  return jax_step
+
+
+TRAINING_BACKENDS = ("tensorflow", "jax")
+
+
+def check_backend(model):
+  """One line where `model` cannot train on this Keras backend."""
+  backend = keras.backend.backend()
+  if backend not in TRAINING_BACKENDS:
+    raise RuntimeError(
+        f"CorInfoMax trains on Keras' TensorFlow or JAX backend; this one is "
+        f"{backend!r} (KERAS_BACKEND): set KERAS_BACKEND=tensorflow or jax before "
+        "importing keras")
+  if backend == "jax" and model.probe_head is not None:
+    raise ValueError("The online probe (probe_classes) trains on the TensorFlow backend "
+                     "only; on JAX the probes run after training. Received: "
+                     f"probe_classes={model.probe_classes}")
+  if backend == "jax" and isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+    raise ValueError("float16 loss scaling (mixed_float16) trains on the TensorFlow "
+                     "backend only; on JAX use mixed_bfloat16 or float32")
 
 
 def _finite_length(dataset, batch_size=None):

@@ -7,6 +7,7 @@ builds everything inside its scope.
 import json
 import os
 
+import keras
 import tensorflow as tf
 
 from corinfomax_tf import errors
@@ -84,6 +85,8 @@ def gather(x):
   keeps this replica's slice, so a loss computed identically on every replica must
   be divided by the replica count before differentiation (see ssl_model.py).
   """
+  if keras.backend.backend() != "tensorflow":
+    return x   # JAX: one program over the global batch (jax_step.py)
   ctx = tf.distribute.get_replica_context()
   if ctx is None or ctx.num_replicas_in_sync == 1:
     return x
