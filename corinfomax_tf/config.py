@@ -83,6 +83,7 @@ def validate_fields(cls, values, names=None, skip=()):
 
 
 MIXED_PRECISION = ("none", "float16", "bfloat16")
+BACKENDS = ("tensorflow", "jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +315,10 @@ class TrainConfig:
       'faster (remembered per machine and in the workdir; docs/training.md, "XLA").',
       kind=bool)
   mixed_precision: str = setting("none", 'none, float16 or bfloat16.')
+  backend: str = setting(
+      "",
+      "Keras backend of the training: tensorflow or jax (docs/backends.md); empty: "
+      "KERAS_BACKEND, else tensorflow. A workdir keeps the backend it started on.")
   verbose: str = setting(
       "auto",
       'Keras fit verbosity: auto (progress bar on a terminal, a line per epoch '
@@ -520,7 +525,30 @@ def _train_section(f):
       ("verbose", f.verbose in ("auto", "0", "1", "2"), "must be auto, 0, 1 or 2")])
   extend = tuple(str(v).strip() for v in f.extend_epochs if str(v).strip())
   extension_phases(extend)   # one line naming the flag on a bad phase
-  return _from_flags(TrainConfig, f, knn_k=knn_k, extend_epochs=extend)
+  backend = _backend(f)
+  return _from_flags(TrainConfig, f, knn_k=knn_k, extend_epochs=extend, backend=backend)
+
+
+def _backend(f):
+  """--backend, else KERAS_BACKEND, else tensorflow; what JAX cannot do yet is one line."""
+  backend = f.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
+  where = f"--backend={backend}" if f.backend else f"KERAS_BACKEND={backend}"
+  if backend not in BACKENDS:
+    raise errors.ConfigError(f"{where}: must be one of {BACKENDS} (PyTorch does not train "
+                             "CorInfoMax yet: docs/backends.md)")
+  if backend == "jax":
+    _checks(f, [
+        ("strategy", f.strategy != "multi_worker",
+         f"several hosts train on --backend=tensorflow only ({where})"),
+        ("mixed_precision", f.mixed_precision != "float16",
+         f"float16 loss scaling trains on --backend=tensorflow only; bfloat16 trains on "
+         f"JAX ({where})"),
+        ("online_probe", not f.online_probe,
+         f"the online probe trains on --backend=tensorflow only; the end-of-training "
+         f"probe and --knn_every_epochs run on JAX ({where})"),
+        ("data_service", not f.data_service,
+         f"the tf.data service feeds --backend=tensorflow only ({where})")])
+  return backend
 
 
 def extension_phases(extend_epochs):
@@ -571,7 +599,8 @@ def pretraining_resume_settings(cfg):
   settings.update(epochs=t.epochs, batch_size=t.batch_size,
                   steps_per_epoch=t.steps_per_epoch, seed=t.seed,
                   online_probe=t.online_probe, online_probe_lr=t.online_probe_lr,
-                  mixed_precision=t.mixed_precision, extend_epochs=list(t.extend_epochs))
+                  mixed_precision=t.mixed_precision, extend_epochs=list(t.extend_epochs),
+                  backend=t.backend)
   return _normalise(settings)
 
 

@@ -73,6 +73,18 @@ def _loss_terms(inputs):
   return out
 
 
+def _saved_and_reloaded(directory, model, views):
+  """`model.save` and `load_model`, then training on: the reloaded model's logs and
+  those of the model that was not saved, over the same batches."""
+  import keras
+  path = os.path.join(directory, "jax_resnet.keras")
+  model.save(path)
+  reloaded = keras.models.load_model(path)
+  return {"resnet_reloaded_logs": train(reloaded, views),
+          "resnet_reloaded_step": np.asarray(reloaded.step_counter.value),
+          "resnet_continued_logs": train(model, views)}
+
+
 def _two_devices(directory, views):
   """The ResNet steps again under keras.distribution.DataParallel over 2 CPU devices."""
   import jax
@@ -105,6 +117,9 @@ def main(directory):
       out[f"{kind}_logs"] = train(model, inputs["views"])
       out[f"{kind}_step_counter"] = np.asarray(model.step_counter.value)
       out[f"{kind}_R1_dtype"] = np.asarray(str(model.loss_layer.R1.value.dtype))
+      # A JAX workdir's checkpoint holds the encoder's variables by position.
+      out[f"{kind}_encoder_variables"] = np.asarray(
+          [f"{v.path} {tuple(v.shape)}" for v in model.encoder.variables])
       model.save_weights(os.path.join(directory, f"jax_{kind}_steps.weights.h5"))
     if kind == "resnet":
       images = inputs["views"][:BATCH, 0]
@@ -112,6 +127,8 @@ def main(directory):
       # Keras' own export on this backend (jax2tf): what TensorFlow users load.
       model.encoder.export(os.path.join(directory, "jax_encoder"), format="tf_saved_model",
                            verbose=False)
+      model.encoder.save(os.path.join(directory, "jax_encoder.keras"))
+      out.update(_saved_and_reloaded(directory, model, inputs["views"]))
   out.update(_two_devices(directory, inputs["views"]))
   np.savez(os.path.join(directory, "jax.npz"), **out)
 

@@ -9,6 +9,7 @@ different orders on the two backends, to a relative 1e-4 of each tensor's larges
 entry after 3 steps (measured: about 1e-6 to 1e-5).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -136,3 +137,74 @@ def test_jax_export_loads_in_tensorflow_with_the_same_features(jax_run):
   model.load_weights(os.path.join(directory, "jax_resnet_steps.weights.h5"))
   assert _relative(jax_out["resnet_features"],
                    model.encoder(images, training=False).numpy()) < 1e-4
+
+
+def test_jax_model_saved_and_reloaded_trains_on_as_if_never_saved(jax_run):
+  _, _, jax_out = jax_run
+  assert int(jax_out["resnet_reloaded_step"]) == 2 * jax_checks.STEPS
+  np.testing.assert_allclose(jax_out["resnet_reloaded_logs"],
+                             jax_out["resnet_continued_logs"], rtol=1e-6)
+
+
+def test_jax_encoder_saved_as_keras_loads_in_tensorflow(jax_run):
+  import keras
+  directory, inputs, jax_out = jax_run
+  encoder = keras.models.load_model(os.path.join(directory, "jax_encoder.keras"))
+  features = encoder(inputs["views"][:jax_checks.BATCH, 0], training=False).numpy()
+  assert _relative(jax_out["resnet_features"], features) < 1e-5
+
+
+@pytest.mark.parametrize("kind", jax_checks.KINDS)
+def test_encoder_variables_come_in_the_same_order_on_both_backends(jax_run, kind):
+  # What lets a TensorFlow process read a JAX workdir's checkpoint (keras_state.py).
+  _, _, jax_out = jax_run
+  ours = [f"{v.path} {tuple(v.shape)}" for v in jax_checks.build(kind).encoder.variables]
+  assert list(jax_out[f"{kind}_encoder_variables"]) == ours
+
+
+def _train(*args, backend_flag=True):
+  """The train command on JAX: --backend=jax, KERAS_BACKEND=jax (False), or neither
+  (None: the flagfile says it)."""
+  env = dict(helpers.ENV)
+  if backend_flag:
+    args = (*args, "--backend=jax")
+  elif backend_flag is False:
+    env["KERAS_BACKEND"] = "jax"
+  proc = subprocess.run([sys.executable, "-m", "corinfomax_tf.train",
+                         f"--flagfile={helpers.SMOKE}", "--deterministic", *args],
+                        env=env, cwd=helpers.ROOT, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_train_command_on_jax_resumes_exactly_exports_and_probes(tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  _train(f"--workdir={straight}", "--extend_epochs=1", "--probe_epochs=0")
+  # Stopped after 2 epochs (probed and exported there), then trained 1 more: resumed
+  # from its checkpoint in a new process.
+  out = _train(f"--workdir={resumed}", "--export", "--probe_epochs=2",
+               backend_flag=False)
+  assert "XLA for the training step: on (JAX compiles every step with XLA)" in out
+  summary = json.load(open(os.path.join(resumed, "summary.json")))
+  assert summary["step"] == 6 and 0 <= summary["probe"]["top1"] <= 100
+  export = os.path.join(resumed, "export")
+  features = tf.saved_model.load(export).signatures["serving_default"](
+      images=tf.zeros((2, 8, 8, 3), tf.uint8))["features"]
+  assert features.shape[0] == 2 and np.all(np.isfinite(features.numpy()))
+  with open(os.path.join(resumed, "flags.cfg")) as fh:
+    assert "--backend=jax" in fh.read().splitlines()
+  out = _train(f"--flagfile={resumed}/flags.cfg", "--extend_epochs=1", "--probe_epochs=0",
+               "--noexport", backend_flag=None)
+  assert "Resumed from" in out
+  # Back on TensorFlow, the workdir says which backend it belongs to.
+  proc = subprocess.run([sys.executable, "-m", "corinfomax_tf.train",
+                         f"--flagfile={resumed}/flags.cfg", "--backend=tensorflow"],
+                        env=helpers.ENV, cwd=helpers.ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"error: --backend=tensorflow: the workdir {resumed} was trained with --backend=jax")
+  assert helpers.checkpoint_state(resumed).keys() == helpers.checkpoint_state(
+      straight).keys()
+  helpers.assert_same_state(resumed, helpers.checkpoint_state(straight))

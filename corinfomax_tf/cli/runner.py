@@ -106,22 +106,25 @@ def help_text(main, own_flags):
   return "\n".join(lines)
 
 
-def check_backend():
-  """The commands run on Keras' TensorFlow backend: another one named by
-  KERAS_BACKEND is one line, before TensorFlow starts."""
+def check_backend(backends=("tensorflow",)):
+  """The commands run on Keras' TensorFlow backend, `train` on JAX too: another one
+  named by KERAS_BACKEND is one line, before TensorFlow starts, naming what does run
+  on JAX (docs/backends.md)."""
   backend = os.environ.get("KERAS_BACKEND", "tensorflow")
-  if backend != "tensorflow":
+  if backend not in backends:
     raise errors.ConfigError(
-        f"KERAS_BACKEND={backend}: the corinfomax commands train and export on the "
-        "TensorFlow backend only (training on JAX or PyTorch is not supported yet); "
-        "unset it or set KERAS_BACKEND=tensorflow")
+        f"KERAS_BACKEND={backend}: this command runs on the TensorFlow backend only "
+        "(`corinfomax train` runs on JAX too: docs/backends.md); unset KERAS_BACKEND or "
+        "set it to tensorflow")
 
 
-def run(main, define_flags, *, quiet_level="warning", required=()):
+def run(main, define_flags, *, quiet_level="warning", required=(),
+        backends=("tensorflow",)):
   """Defines the flags, parses argv and runs `main(FLAGS)` under the error policy.
 
   `--help` prints the command's own flags and exits 0 before anything else (no
   TensorFlow). `required`: (flag, what it must be) pairs that must be given.
+  `backends`: the Keras backends the command runs on (KERAS_BACKEND).
   """
   from absl import app
   from absl import flags
@@ -147,7 +150,7 @@ def run(main, define_flags, *, quiet_level="warning", required=()):
       for name, what in required:
         if not flags.FLAGS[name].value:
           raise errors.ConfigError(f"--{name} is required ({what})")
-      check_backend()
+      check_backend(backends)
       main(flags.FLAGS)
     except errors.UserError as e:
       fail(e)

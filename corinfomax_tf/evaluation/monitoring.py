@@ -107,6 +107,13 @@ def spectrum_image(spectra, width=320, height=200):
   return np.asarray(image, np.uint8)
 
 
+def _global_norm(variables):
+  if keras.backend.backend() == "tensorflow":
+    return float(tf.linalg.global_norm(variables))
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(v.value, np.float32)))
+                           for v in variables)))
+
+
 class TrainingMonitor(keras.callbacks.Callback):
   """Logs the covariance spectra, effective rank, LDMI and weight norm every N steps
   and warns on collapse."""
@@ -147,7 +154,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         value = ldmi(R1, R2, layer.R12.numpy(), layer.eps)
         out["ldmi"] = value
         tf.summary.scalar("spectrum/ldmi", value)
-      weight_norm = float(tf.linalg.global_norm(self.model.pretraining_variables))
+      weight_norm = _global_norm(self.model.pretraining_variables)
       out["weight_norm"] = weight_norm
       tf.summary.scalar("optim/weight_norm", weight_norm)
       attraction = logs.get("attraction")

@@ -19,6 +19,15 @@ def batch_features(encoder, spec):
   smaller), or called eagerly where it runs outside TensorFlow (ONNX Runtime)."""
   if getattr(encoder, "outside_tensorflow", False):
     return lambda images: np.asarray(encoder(images.numpy()))
+  if keras.backend.backend() != "tensorflow":
+    # Keras of another backend (a run on JAX): the model's own compiled predict
+    # (`CorInfoMax.features` is its `call`), else an eager call.
+    owner = getattr(encoder, "__self__", None)
+    if isinstance(owner, keras.Model) and encoder.__name__ == "features":
+      encoder = owner
+    if isinstance(encoder, keras.Model):
+      return lambda images: np.asarray(encoder.predict_on_batch(images.numpy()))
+    return lambda images: np.asarray(encoder(images.numpy(), training=False))
 
   @tf.function(input_signature=[tf.TensorSpec((None,) + tuple(spec.shape[1:]), spec.dtype)])
   def features(images):

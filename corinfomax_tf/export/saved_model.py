@@ -45,6 +45,7 @@ from corinfomax_tf import errors, fingerprints
 from corinfomax_tf.export import runtimes
 from corinfomax_tf.models import backbone as backbone_lib  # (registers the class)
 from corinfomax_tf.models import factory, pooling
+from corinfomax_tf.training import keras_state
 from corinfomax_tf.training import workdir as workdir_lib
 
 METADATA_FILE = os.path.join("assets.extra", "corinfomax_tf.json")
@@ -76,10 +77,16 @@ def restore_encoder(workdir, checkpoint=None):
     with open(architecture_path) as fh:
       architecture = json.load(fh)
   encoder = factory.encoder_from_architecture(architecture)
-  step = tf.Variable(0, dtype=tf.int64)
+  step = keras.Variable(0, dtype="int64", trainable=False)
+  tracked, mirrors = {"encoder": encoder, "step": step}, []
+  if config.get("train", {}).get("backend") == "jax":
+    # A run on JAX saved its variables by position (keras_state.py).
+    tracked = {name: keras_state.KerasVariables(getattr(obj, "variables", [obj]), name=name)
+               for name, obj in tracked.items()}
+    mirrors = list(tracked.values())
   # A reader: damaged checkpoints are skipped (with a warning), never moved.
-  checkpoints = workdir_lib.Checkpoints(tf.train.Checkpoint(encoder=encoder, step=step),
-                                        directory, keep=1, chief=False)
+  checkpoints = workdir_lib.Checkpoints(tf.train.Checkpoint(**tracked), directory, keep=1,
+                                        chief=False, mirrors=mirrors)
   path = (checkpoints.restore_from(checkpoint, partial=True) if checkpoint else
           checkpoints.restore_latest(partial=True))
   if not path:
@@ -598,6 +605,28 @@ def _checked_preset_of_export(path):
                              "SavedModel's features (max difference "
                              f"{np.abs(got - want).max():.3g}); re-export it")
   return backbone, metadata
+
+
+def export_workdir_in_tensorflow(workdir, export_dir, *, onnx=True, litert=True, log=print):
+  """`export_workdir` of the newest checkpoint in a process of its own on Keras'
+  TensorFlow backend (the `export` command): how a run on JAX exports. Its warning and
+  runtime lines go to `log`; a failure is one line. Returns (step directory, step)."""
+  import subprocess
+  import sys
+  env = dict(os.environ, KERAS_BACKEND="tensorflow")
+  args = [sys.executable, "-m", "corinfomax_tf.export", f"--workdir={workdir}",
+          f"--export_dir={export_dir}", "--overwrite", f"--{'' if onnx else 'no'}onnx",
+          f"--{'' if litert else 'no'}litert"]
+  proc = subprocess.run(args, env=env, capture_output=True, text=True)
+  for line in proc.stdout.splitlines():
+    if not line.startswith(("Exported step", "Files:")):
+      log(line)
+  if proc.returncode:
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise errors.ExportError(f"the export of {workdir} on the TensorFlow backend failed: "
+                             f"{last.removeprefix('error: ')}")
+  path = os.path.realpath(export_dir)   # the link points at the step written
+  return path, read_metadata(path)["step"]
 
 
 def export_workdir(workdir, export_dir, checkpoint="", overwrite=False, *, onnx=True,

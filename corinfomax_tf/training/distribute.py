@@ -120,3 +120,27 @@ def value_of_first_replica(strategy, value):
   def total():
     return strategy.reduce("SUM", strategy.run(contribution), axis=None)
   return int(total())
+
+
+def check_backend(backend):
+  """True where the job trains on JAX. Keras reads KERAS_BACKEND once, at its first
+  import: a process whose Keras runs another backend than `backend` is one line."""
+  actual = keras.backend.backend()
+  if actual != backend:
+    raise errors.ConfigError(
+        f"--backend={backend}: Keras in this process runs its {actual!r} backend "
+        f"(KERAS_BACKEND is read when keras is first imported): set "
+        f"KERAS_BACKEND={backend} before importing keras, or give --backend={actual}")
+  return backend == "jax"
+
+
+def jax_data_parallel(all_devices):
+  """On JAX, --strategy=mirrored: the batch sharded over every device
+  (keras.distribution.DataParallel; the step is one program over the global batch).
+  Returns the number of devices the batch is split over."""
+  import jax   # JAX is optional: only its backend imports it
+  devices = jax.devices()
+  if not all_devices or len(devices) == 1:
+    return 1
+  keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+  return len(devices)

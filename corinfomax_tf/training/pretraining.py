@@ -32,7 +32,7 @@ from corinfomax_tf.export import saved_model
 from corinfomax_tf.method import model as ssl_model
 from corinfomax_tf.models import factory, pooling
 from corinfomax_tf.training import callbacks as callbacks_lib
-from corinfomax_tf.training import distribute, schedules
+from corinfomax_tf.training import distribute, keras_state, schedules
 from corinfomax_tf.training import workdir as workdir_lib
 from corinfomax_tf.training import xla_choice
 
@@ -53,11 +53,13 @@ def saved_resume_settings(saved):
   """The resume settings a workdir's config.json holds (older workdirs: the fields
   of its sections, by name, for those sections that are compared)."""
   if RESUME_KEY in saved:
-    return saved[RESUME_KEY]
+    # Workdirs from before --backend trained on TensorFlow.
+    return {"backend": "tensorflow", **saved[RESUME_KEY]}
   flat = {}
   for section in ("data", "model", "loss", "optim", "train"):
     flat.update(saved.get(section, {}))
   flat.pop("extend_epochs", None)
+  flat.setdefault("backend", "tensorflow")
   return flat
 
 
@@ -206,8 +208,14 @@ class PretrainingJob:
   def run(self):
     """The whole job; returns the summary dict (also written to summary.json)."""
     t = self.cfg.train
-    self.strategy = distribute.make_strategy(t.strategy, t.num_cpu_devices,
-                                             t.cluster_resolver, t.slurm_port_base)
+    self.jax = distribute.check_backend(t.backend)
+    if self.jax:
+      # One TensorFlow device feeds the data; keras.distribution shards the batch.
+      self.strategy = distribute.make_strategy("default")
+      self.jax_devices = distribute.jax_data_parallel(t.strategy == "mirrored")
+    else:
+      self.strategy = distribute.make_strategy(t.strategy, t.num_cpu_devices,
+                                               t.cluster_resolver, t.slurm_port_base)
     self.chief = distribute.is_chief(self.strategy)
     # Only the chief locks: a multi-worker run is one holder.
     with workdir_lib.Workdir(t.workdir, command="corinfomax_tf.train", lock=self.chief,
@@ -236,7 +244,7 @@ class PretrainingJob:
     Returns False when the job ends here (--preview_only)."""
 
     cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
-    self.replicas = self.strategy.num_replicas_in_sync
+    self.replicas = self.jax_devices if self.jax else self.strategy.num_replicas_in_sync
     if t.batch_size % self.replicas:
       raise errors.ConfigError(
           f"--batch_size={t.batch_size}: not divisible by the {self.replicas} replicas")
@@ -314,7 +322,8 @@ class PretrainingJob:
             t.keep_checkpoints)
       self.checkpoints = self.workdir.checkpoints(
           tf.train.Checkpoint(**tracked), keep=t.keep_checkpoints, directory=directory,
-          restore_from="checkpoints", chief=self.chief)
+          restore_from="checkpoints", chief=self.chief,
+          mirrors=keras_state.mirrors_in(tracked))
       restored = self.checkpoints.restore_latest()
       if restored:
         self.log(f"Resumed from {restored}")
@@ -355,6 +364,9 @@ class PretrainingJob:
     model.compile(optimizer=optimizer, jit_compile=self.jit["jit_compile"])
     tracked = dict(encoder=model.encoder, projector=model.projector,
                    loss_state=model.loss_layer, optimizer=optimizer, step=model.step_counter)
+    if self.jax:   # Keras variables that are not TensorFlow's: mirrored (keras_state.py)
+      tracked = {name: keras_state.KerasVariables(
+          getattr(obj, "variables", [obj]), name=name) for name, obj in tracked.items()}
     if model.probe_head is not None:
       model.probe_optimizer.learning_rate = t.online_probe_lr
       tracked.update(probe_head=model.probe_head, probe_optimizer=model.probe_optimizer)
@@ -364,6 +376,11 @@ class PretrainingJob:
     """XLA for the step or not: given, as the workdir's first run chose, or measured
     (xla_choice.py); one line says which and why."""
     why_not = ""
+    if self.jax:
+      choice = {"jit_compile": True, "how": "backend",
+                "why": "JAX compiles every step with XLA"}
+      self.log(xla_choice.describe(choice))
+      return choice
     if self.given_backbone is not None:
       why_not = "a backbone passed as a Python object is not timed; --jit_compile decides"
     elif distribute.is_multi_worker(self.strategy):
@@ -604,9 +621,14 @@ class PretrainingJob:
         saved_model.read_metadata(export_dir)["step"] == self.summary["step"]):
       self.summary["export"] = export_dir
       return
-    path, step = saved_model.export_workdir(t.workdir, export_dir, overwrite=True,
-                                            onnx=t.export_runtimes,
-                                            litert=t.export_runtimes, log=self.log)
+    if self.jax:   # the export is TensorFlow's: a TensorFlow-backend process writes it
+      path, step = saved_model.export_workdir_in_tensorflow(
+          t.workdir, export_dir, onnx=t.export_runtimes, litert=t.export_runtimes,
+          log=self.log)
+    else:
+      path, step = saved_model.export_workdir(t.workdir, export_dir, overwrite=True,
+                                              onnx=t.export_runtimes,
+                                              litert=t.export_runtimes, log=self.log)
     self.summary["export"] = export_dir
     self.log(f"Exported step {step} to {path}; {export_dir} -> it; reload check passed")
     self.log(saved_model.files_line(path))

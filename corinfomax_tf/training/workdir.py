@@ -179,12 +179,12 @@ class Workdir:
     return bool(checkpoint_prefixes(self.join(directory)))
 
   def checkpoints(self, checkpoint, *, keep, directory="checkpoints", restore_from=None,
-                  chief=True):
+                  chief=True, mirrors=()):
     """The `Checkpoints` of this workdir (`restore_from`: another workdir-relative
     directory to restore from, as the non-chief workers of a multi-worker run do)."""
     return Checkpoints(checkpoint, self.join(directory), keep=keep,
                        restore_dir=self.join(restore_from or directory), chief=chief,
-                       log=self.log)
+                       log=self.log, mirrors=mirrors)
 
 
 def _read_holder(fh):
@@ -228,12 +228,16 @@ class Checkpoints:
   cannot be read (a truncated or corrupted file, a missing shard) is reported with a
   warning naming the file and moved to `<dir>/damaged/`, and the next older one is
   tried. If none is intact it stops with one line. `save(number)` reports a failed
-  write as one line naming the kept checkpoint.
+  write as one line naming the kept checkpoint. `mirrors`: the
+  `keras_state.KerasVariables` the checkpoint holds (a run on Keras' JAX backend).
   """
 
   def __init__(self, checkpoint, directory, *, keep, restore_dir=None, chief=True,
-               log=print):
+               log=print, mirrors=()):
     self.checkpoint = checkpoint
+    # keras_state.KerasVariables in `checkpoint` (Keras variables of another backend):
+    # filled before each save, copied out after a restore.
+    self.mirrors = list(mirrors)
     self.directory = directory
     self.restore_dir = restore_dir or directory
     self.keep = keep
@@ -293,6 +297,8 @@ class Checkpoints:
       if partial:
         status.expect_partial()
       status.assert_existing_objects_matched()
+      for mirror in self.mirrors:
+        mirror.push()
       return None
     except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError,
             OSError) as e:
@@ -344,6 +350,8 @@ class Checkpoints:
     checkpoints only after that: a write that fails half-way leaves the pointer at
     the last good one.
     """
+    for mirror in self.mirrors:
+      mirror.pull()
     try:
       return self.manager.save(checkpoint_number=number)
     except (OSError, tf.errors.OpError) as e:
