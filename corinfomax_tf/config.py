@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 
 from corinfomax_tf import errors
 from corinfomax_tf.data import views
@@ -530,8 +531,11 @@ def _train_section(f):
 
 
 def _backend(f):
-  """--backend, else KERAS_BACKEND, else tensorflow; what JAX cannot do yet is one line."""
-  backend = f.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
+  """--backend, else KERAS_BACKEND, else that of a Keras already imported (the Python
+  API), else tensorflow; what JAX cannot do yet is one line."""
+  keras = sys.modules.get("keras")
+  imported = keras.backend.backend() if hasattr(keras, "backend") else None
+  backend = f.backend or os.environ.get("KERAS_BACKEND") or imported or "tensorflow"
   where = f"--backend={backend}" if f.backend else f"KERAS_BACKEND={backend}"
   if backend not in BACKENDS:
     raise errors.ConfigError(f"{where}: must be one of {BACKENDS} (PyTorch does not train "

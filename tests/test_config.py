@@ -347,3 +347,23 @@ def test_field_checks_name_the_flag():
     parse("--epochs=0")
   with pytest.raises(errors.ConfigError, match=r"--batch_size=1: must be >= 2 \(covariance"):
     parse("--batch_size=1")
+
+
+def test_the_backend_is_the_flag_else_keras_backend_and_jax_limits_are_one_line(monkeypatch):
+  monkeypatch.delenv("KERAS_BACKEND", raising=False)
+  assert parse("--workdir=w").train.backend == "tensorflow"
+  monkeypatch.setenv("KERAS_BACKEND", "jax")
+  assert parse("--workdir=w").train.backend == "jax"
+  assert parse("--workdir=w", "--backend=tensorflow").train.backend == "tensorflow"
+  for args, needle in [
+      (["--backend=torch"], "--backend=torch: must be one of ('tensorflow', 'jax')"),
+      (["--online_probe"], "--online_probe=True: the online probe trains on "
+       "--backend=tensorflow only"),
+      (["--mixed_precision=float16"], "--mixed_precision=float16: float16 loss scaling "
+       "trains on --backend=tensorflow only"),
+      (["--strategy=multi_worker"], "--strategy=multi_worker: several hosts train on "
+       "--backend=tensorflow only (KERAS_BACKEND=jax)")]:
+    with pytest.raises(errors.ConfigError) as info:
+      parse("--workdir=w", *args)
+    assert str(info.value).startswith(needle), str(info.value)
+  assert parse("--workdir=w", "--mixed_precision=bfloat16").train.backend == "jax"

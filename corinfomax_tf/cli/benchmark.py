@@ -77,7 +77,10 @@ def format_table(r):
        f"lanes ({r['cpu_peak']['vector']}) x 2 x {r['cpu_peak']['clock_ghz']:.2f} GHz) "
        f"{r['cpu_peak']['flops_per_second'] / 1e9:.1f} GFLOP/s; utilisation "
        f"{100 * r['mfu_vs_peak']:.1f}%; the matmul reaches "
-       f"{100 * r['matmul_flops_per_second'] / r['cpu_peak']['flops_per_second']:.1f}% of it")
+       f"{100 * r['matmul_flops_per_second'] / r['cpu_peak']['flops_per_second']:.1f}% of it"
+       + ("; above 100%: the detected peak is too low (a virtual machine's cpu MHz is "
+          "its base clock, not its boost, or the core has more FMA units than assumed)"
+          if r['matmul_flops_per_second'] > r['cpu_peak']['flops_per_second'] else ""))
       if r.get("cpu_peak") else "CPU peak: not detected (no /proc/cpuinfo clock, or not "
       "a float32 step on the CPU)",
       f"peak memory: {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})",
