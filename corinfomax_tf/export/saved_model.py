@@ -81,8 +81,7 @@ def restore_encoder(workdir, checkpoint=None):
   tracked, mirrors = {"encoder": encoder, "step": step}, []
   if config.get("train", {}).get("backend") == "jax":
     # A run on JAX saved its variables by position (keras_state.py).
-    tracked = {name: keras_state.KerasVariables(getattr(obj, "variables", [obj]), name=name)
-               for name, obj in tracked.items()}
+    tracked = keras_state.mirrored(tracked)
     mirrors = list(tracked.values())
   # A reader: damaged checkpoints are skipped (with a warning), never moved.
   checkpoints = workdir_lib.Checkpoints(tf.train.Checkpoint(**tracked), directory, keep=1,

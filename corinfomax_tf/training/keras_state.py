@@ -50,6 +50,13 @@ class KerasVariables(tf.Module):
       keras_variable.assign(mirror.numpy())
 
 
+def mirrored(tracked):
+  """A checkpoint's tracked objects (name -> a Keras layer, optimizer or variable) as
+  KerasVariables of their variables, under the same names."""
+  return {name: KerasVariables(getattr(obj, "variables", [obj]), name=name)
+          for name, obj in tracked.items()}
+
+
 def mirrors_in(tracked):
   """The KerasVariables among a checkpoint's tracked objects."""
   return [obj for obj in tracked.values() if isinstance(obj, KerasVariables)]

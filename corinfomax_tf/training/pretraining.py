@@ -365,8 +365,7 @@ class PretrainingJob:
     tracked = dict(encoder=model.encoder, projector=model.projector,
                    loss_state=model.loss_layer, optimizer=optimizer, step=model.step_counter)
     if self.jax:   # Keras variables that are not TensorFlow's: mirrored (keras_state.py)
-      tracked = {name: keras_state.KerasVariables(
-          getattr(obj, "variables", [obj]), name=name) for name, obj in tracked.items()}
+      tracked = keras_state.mirrored(tracked)
     if model.probe_head is not None:
       model.probe_optimizer.learning_rate = t.online_probe_lr
       tracked.update(probe_head=model.probe_head, probe_optimizer=model.probe_optimizer)
