@@ -641,9 +641,12 @@ def load_split(dataset, split, **source_kwargs):
 # Any tf.data.Dataset of images (the Python API).
 # ----------------------------------------------------------------------------
 
-# The two views of the paper (and of the reference's CIFAR/ImageNet transforms).
 PAPER_VIEWS = (augment.ViewConfig(blur_prob=1.0, solarize_prob=0.0),
                augment.ViewConfig(blur_prob=0.1, solarize_prob=0.2))
+"""The two views of the paper (and of the reference's CIFAR/ImageNet transforms): the
+first always blurred and never solarised, the second blurred with probability 0.1 and
+solarised with probability 0.2; every other setting is `ViewConfig`'s default.
+`two_views(..., views=PAPER_VIEWS)` is the default."""
 
 
 def _image_and_label(element):

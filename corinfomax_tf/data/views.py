@@ -14,7 +14,10 @@ class ViewConfig:
     crop_ratio: RandomResizedCrop's (min, max) aspect ratio.
     hflip_prob: horizontal flip probability.
     jitter_prob: probability of the colour jitter (its four ops in random order).
-    brightness, contrast, saturation, hue: the jitter's strengths.
+    brightness: the jitter's brightness strength.
+    contrast: the jitter's contrast strength.
+    saturation: the jitter's saturation strength.
+    hue: the jitter's hue strength.
     grayscale_prob: grayscale probability.
     blur_prob: Gaussian blur probability.
     blur_sigma: the blur's (min, max) sigma.

@@ -638,8 +638,8 @@ def export_workdir(workdir, export_dir, checkpoint="", overwrite=False, *, onnx=
     export_dir: the export's path: a link switched to `<export_dir>.steps/<step>/`.
     checkpoint: a checkpoint prefix (default: the newest intact one).
     overwrite: replace an existing export of the same step.
-    onnx, litert: also write encoder.onnx and encoder.tflite, each checked by its
-      own runtime (`write_export`).
+    onnx: also write encoder.onnx, checked by ONNX Runtime (`write_export`).
+    litert: also write encoder.tflite, checked by the LiteRT interpreter.
     log: where progress and warning lines go.
 
   Returns:

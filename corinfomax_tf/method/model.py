@@ -131,12 +131,15 @@ class CorInfoMax(keras.Model):
         decay, a linear warm-up from `warmup_start_lr`, then a cosine to `min_lr`)
         or any Keras optimizer (the other arguments are then ignored).
       learning_rate: the base rate, for the global batch.
-      momentum, weight_decay: SGD momentum and coupled L2 weight decay.
+      momentum: SGD momentum.
+      weight_decay: coupled L2 weight decay.
       warmup_epochs: warm-up length in epochs (used when `warmup_steps` is None).
-      warmup_start_lr, min_lr: the rate at step 0 and at the end of the cosine.
-      total_steps, warmup_steps: the schedule's length in steps; None: sized by the
-        first `fit` from its `epochs` and `steps_per_epoch` (or the dataset's
-        length).
+      warmup_start_lr: the rate at step 0.
+      min_lr: the rate at the end of the cosine.
+      total_steps: the schedule's length in steps; None: sized by the first `fit`
+        from its `epochs` and `steps_per_epoch` (or the dataset's length).
+      warmup_steps: the warm-up's length in steps; None: `warmup_epochs` epochs,
+        sized like `total_steps`.
       **kwargs: passed to `keras.Model.compile` (`jit_compile`, ...).
     """
     self._pending_schedule = None

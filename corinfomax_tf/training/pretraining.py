@@ -721,7 +721,8 @@ def pretrain(backbone, images, *, workdir, image_size, epochs, batch_size,
       ("digits", "folder" with `eval_data_dir`, or a tensorflow-datasets name).
     workdir: the directory of checkpoints, logs, config and summary.
     image_size: the side of the square training views.
-    epochs, batch_size: the length of training and the global batch.
+    epochs: the length of training.
+    batch_size: the global batch.
     normalization: "imagenet", "cifar10", "cifar100", "digits" or (mean, std).
     export: export the encoder to <workdir>/export at the end.
     log: where progress lines go.
