@@ -17,11 +17,13 @@ import json
 import os
 import re
 import sys
+import types
 
 from corinfomax_tf import errors
 from corinfomax_tf.data import views
 from corinfomax_tf.method import loss_args
 from corinfomax_tf.models import specs
+from corinfomax_tf.tuning import space as space_lib
 
 NORMALIZATIONS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
@@ -697,7 +699,7 @@ def linear_eval_from_flags(f):
          "requires --noaugment (augmented images give new features every epoch)")
   return _from_flags(
       LinearEvalConfig, f, encoder=f.encoder, data=eval_data_from_flags(f),
-      workdir=f.output_dir or os.path.join(_parent_of(f.encoder), "linear_eval"))
+      workdir=f.workdir or os.path.join(_parent_of(f.encoder), "linear_eval"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -722,7 +724,7 @@ class KnnEvalConfig:
 def knn_eval_from_flags(f):
   return _from_flags(
       KnnEvalConfig, f, encoder=f.encoder, data=eval_data_from_flags(f),
-      workdir=f.output_dir or os.path.join(_parent_of(f.encoder), "knn_eval"),
+      workdir=f.workdir or os.path.join(_parent_of(f.encoder), "knn_eval"),
       k=_positive_ints(f.k, "k"))
 
 
@@ -881,7 +883,7 @@ def embed_from_flags(f):
          "--dataset=images has no splits (every image under --data_dir is embedded)")
   data = eval_data_from_flags(f)
   split = "all" if images else f.split
-  workdir = f.output_dir or os.path.join(
+  workdir = f.workdir or os.path.join(
       _parent_of(f.encoder), f"embed_{f.dataset.replace('/', '_')}_{split}")
   return _from_flags(EmbedConfig, f, encoder=f.encoder, workdir=workdir, data=data,
                      split=split, query=tuple(f.query))
@@ -899,7 +901,44 @@ class ExportConfig:
                          'interpreter).')
 
 
+def sweep_config(train_values, search, **settings):
+  """A validated `config.SweepConfig` from the train flags' values (`train_values`,
+  flag name -> value), the `--search` specs and the sweep's own settings by name.
+  Every check (the fixed flags, each parameter's range, each sampled flag's bounds)
+  runs here, before any trial."""
+  from_flags(types.SimpleNamespace(**train_values))
+  params = space_lib.parse_all(list(search), train_values)
+  for p in params:
+    if p.kind == "choice":
+      probes = p.choices
+    else:
+      probes = (p.low, p.high)
+    for value in probes:   # each end of the range must be a valid setting
+      try:
+        from_flags(types.SimpleNamespace(
+            **space_lib.apply(train_values, {p.name: value})))
+      except errors.ConfigError as e:
+        raise errors.ConfigError(f"--search={p.spec()}: {value} is not a valid value "
+                                 f"({e})") from None
+  fields = {f.name for f in dataclasses.fields(SweepConfig)}
+  unknown = sorted(set(settings) - fields)
+  if unknown:
+    raise ValueError(f"Unknown sweep settings {unknown}. Received: "
+                     + ", ".join(f"{k}={settings[k]!r}" for k in unknown))
+  values = {f.name: f.default for f in dataclasses.fields(SweepConfig)
+            if f.name not in ("workdir", "search", "train")}
+  values.update(settings)
+  validate_fields(SweepConfig, types.SimpleNamespace(**values),
+                             skip=("workdir", "search", "train"))
+  workdir = train_values["workdir"]
+  return SweepConfig(workdir=workdir, search=tuple(params),
+                                train=dict(train_values), **values)
+
+
 def export_from_flags(f):
+  if f.workdir and not os.path.isfile(os.path.join(f.workdir, "config.json")):
+    # The export's own check (saved_model.restore_encoder), before TensorFlow starts.
+    raise errors.ExportError(f"--workdir={f.workdir}: no config.json (not a training workdir)")
   return _from_flags(ExportConfig, f, checkpoint=f.checkpoint or "")
 
 

@@ -59,7 +59,8 @@ def test_usage_and_every_commands_help_come_without_tensorflow():
     assert len(shown["own"]) >= 5, (name, shown["own"])
     missing = [flag for flag in shown["own"]
                if f"  --{flag} (default" not in shown["out"]
-               and f"  --[no]{flag} (default" not in shown["out"]]
+               and f"  --[no]{flag} (default" not in shown["out"]
+               and f"  --{flag}: the old name of --" not in shown["out"]]
     assert not missing, (name, missing)
     assert "flags:" in shown["out"]
 
@@ -104,6 +105,89 @@ def test_a_bad_flag_is_one_line_without_tensorflow(tmp_path):
       "error: KERAS_BACKEND=jax: this command runs on the TensorFlow backend only "
       "(`corinfomax train` runs on JAX too: docs/backends.md); unset KERAS_BACKEND or "
       "set it to tensorflow"]
+
+
+def _command_in_process(command, *args):
+  """`corinfomax <command> *args` in a fresh process: (stdout words: whether TensorFlow was
+  imported and the exit status, stderr lines)."""
+  script = ("import sys\nfrom corinfomax_tf.cli import main\ntry:\n"
+            f"  main.main(['corinfomax', '{command}', *sys.argv[1:]])\n"
+            "except SystemExit as e:\n  print('tensorflow' in sys.modules, e.code)\n")
+  result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                          text=True, cwd=helpers.ROOT, env=helpers.ENV, timeout=120)
+  return result.stdout.split(), result.stderr.strip().splitlines()
+
+
+# A value each command refuses, and the start of its line.
+BAD_VALUES = {
+    "train": (["--batch_size=-4"], "error: --batch_size=-4: must be >= "),
+    "export": (["--workdir=/nonexistent/w", "--export_dir=/tmp/e"],
+               "error: --workdir=/nonexistent/w: no config.json"),
+    "linear-eval": (["--encoder=E", "--batch_size=0"], "error: --batch_size=0: must be >= 1"),
+    "knn-eval": (["--encoder=E", "--temperature=0"], "error: --temperature=0.0: must be > 0"),
+    "finetune": (["--encoder=E", "--batch_size=0"], "error: --batch_size=0: must be >= "),
+    "detect": (["--encoder=E", "--batch_size=0"], "error: --batch_size=0: must be >= "),
+    "embed": (["--encoder=E", "--batch_size=0"], "error: --batch_size=0: must be >= "),
+    "sweep": (["--search=alphax:log:1:2"], "error: --search=alphax:log:1:2: unknown parameter"),
+    "benchmark": (["--batch_size=0"], "error: --batch_size=0: must be >= "),
+    "data-service": (["--role=worker", "--port=-1"], "error: --port=-1: must be in [0, 65535]"),
+}
+
+
+@pytest.mark.slow
+def test_every_commands_refused_value_is_one_line_without_tensorflow():
+  assert set(BAD_VALUES) == set(cli_main.COMMANDS)
+  for command, (args, start) in BAD_VALUES.items():
+    words, lines = _command_in_process(command, *args)
+    assert words == ["False", "2"], (command, words, lines[-5:])
+    assert len(lines) == 1 and lines[0].startswith(start), (command, lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["linear-eval", "knn-eval", "embed"])
+def test_output_dir_is_the_old_name_of_workdir_with_one_line(command, tmp_path):
+  args, start = BAD_VALUES[command]
+  given = [*args, f"--output_dir={tmp_path}/out"]
+  words, lines = _command_in_process(command, *given)
+  assert words == ["False", "2"], (words, lines[-5:])
+  assert len(lines) == 2 and lines[1].startswith(start), lines
+  assert lines[0] == (f"warning: --output_dir is deprecated: it is the old name of "
+                      f"--workdir; use --workdir={tmp_path}/out")
+  # Both names with two values: one line naming both.
+  words, lines = _command_in_process(command, *given, f"--workdir={tmp_path}/w")
+  assert words == ["False", "2"]
+  assert lines == [
+      f"error: --output_dir={tmp_path}/out and --workdir={tmp_path}/w: --output_dir is the "
+      "old name of --workdir; give --workdir alone"]
+  shown = _help(command, "--help")["out"]
+  assert "  --workdir (default: '')" in shown
+  assert "deprecated flags (still accepted, with one line):\n  --output_dir: the old name of " \
+      "--workdir" in shown
+
+
+def test_a_renamed_flag_gives_its_value_to_the_new_name():
+  from absl import flags
+  from corinfomax_tf import errors
+  from corinfomax_tf.cli import runner
+  values = flags.FlagValues()
+  flags.DEFINE_string("workdir", "", "new", flag_values=values)
+  flags.DEFINE_string("output_dir", None, "old", flag_values=values)
+  lines = []
+  values(["x", "--output_dir=/a"])
+  runner.apply_renamed(runner.OUTPUT_DIR_RENAMED, values, warn=lines.append)
+  assert values.workdir == "/a" and len(lines) == 1 and "--output_dir is deprecated" in lines[0]
+  values.unparse_flags()
+  values(["x", "--workdir=/b"])           # the new name alone: no line
+  runner.apply_renamed(runner.OUTPUT_DIR_RENAMED, values, warn=lines.append)
+  assert values.workdir == "/b" and len(lines) == 1
+  values.unparse_flags()
+  values(["x", "--workdir=/b", "--output_dir=/b"])   # the same value twice is fine
+  runner.apply_renamed(runner.OUTPUT_DIR_RENAMED, values, warn=lines.append)
+  assert values.workdir == "/b" and len(lines) == 2
+  values.unparse_flags()
+  values(["x", "--workdir=/b", "--output_dir=/c"])
+  with pytest.raises(errors.ConfigError, match="--output_dir=/c and --workdir=/b"):
+    runner.apply_renamed(runner.OUTPUT_DIR_RENAMED, values, warn=lines.append)
 
 
 @pytest.mark.slow

@@ -211,16 +211,21 @@ def test_evaluation_commands_reject_mismatched_input(trained, tmp_path):
   # Another size than training's is taken as asked, with one line (left out: the
   # encoder's, read from its metadata).
   result = run("-m", "corinfomax_tf.knn_eval", f"--encoder={export_dir}", "--dataset=digits",
-               "--image_size=16", f"--output_dir={tmp_path}/knn16", "--k=5")
+               "--image_size=16", f"--workdir={tmp_path}/knn16", "--k=5")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "--image_size=16: the encoder was trained at 8; using 16 as asked" in result.stdout
+  # --output_dir, the old name of --workdir, still works, with one line.
   result = run("-m", "corinfomax_tf.knn_eval", f"--encoder={export_dir}", "--dataset=digits",
                f"--output_dir={tmp_path}/knn", "--k=5")
   assert result.returncode == 0 and "trained at" not in result.stdout
   assert json.loads(result.stdout.strip().splitlines()[-1])["num_test"] == 360
+  assert os.path.isfile(f"{tmp_path}/knn/knn_eval.json")
+  assert [line for line in result.stderr.splitlines() if "deprecated" in line] == [
+      f"warning: --output_dir is deprecated: it is the old name of --workdir; "
+      f"use --workdir={tmp_path}/knn"]
   result = run("-m", "corinfomax_tf.linear_eval", f"--encoder={export_dir}",
                "--dataset=digits", "--image_size=8", "--num_classes=5",
-               f"--output_dir={tmp_path}")
+               f"--workdir={tmp_path}")
   assert result.returncode == 2
   assert "--num_classes=5: --dataset=digits has 10 classes" in result.stderr.splitlines()[-1]
   result = run("-m", "corinfomax_tf.linear_eval", f"--encoder={tmp_path}/none",

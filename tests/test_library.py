@@ -243,7 +243,7 @@ def test_wheel_installed_in_a_folder_trains_a_vit_and_exports_it(tmp_path):
   result = json.loads(linear.stdout.strip().splitlines()[-1])
   assert result["top1"] > 10.0 and result["num_classes"] == 10
   _run([sys.executable, "-m", "corinfomax_tf.embed", f"--encoder={export}",
-        "--dataset=digits", "--max_images=64", "--output_dir=embed"], str(work), env)
+        "--dataset=digits", "--max_images=64", "--workdir=embed"], str(work), env)
   with np.load(work / "embed" / "embeddings.npz") as saved:
     assert saved["features"].shape == (64, 16)
   # Continued pretraining from the exported preset starts from its weights: a step

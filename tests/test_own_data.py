@@ -269,7 +269,7 @@ def test_embed_writes_the_digits_test_split_and_tensorboard_serves_it(trained, t
   (_, _), (x_test, y_test) = data.digits_arrays(8)
   Image.fromarray(x_test[7]).save(tmp_path / "query.png")
   result = helpers.run_command("corinfomax_tf.embed", f"--encoder={export_dir}",
-                               "--dataset=digits", "--split=test", f"--output_dir={out}",
+                               "--dataset=digits", "--split=test", f"--workdir={out}",
                                f"--query={tmp_path / 'query.png'}", "--k=3")
   assert result.returncode == 0, result.stderr[-3000:]
   with np.load(os.path.join(out, "embeddings.npz")) as saved:
@@ -283,7 +283,7 @@ def test_embed_writes_the_digits_test_split_and_tensorboard_serves_it(trained, t
   assert first["class"] == str(y_test[7])
   # A rerun reuses the arrays instead of embedding again.
   again = helpers.run_command("corinfomax_tf.embed", f"--encoder={export_dir}",
-                              "--dataset=digits", f"--output_dir={out}")
+                              "--dataset=digits", f"--workdir={out}")
   assert again.returncode == 0 and "Reusing the 360 embeddings" in again.stdout
 
   port = helpers.free_port()
@@ -324,7 +324,7 @@ def test_embed_an_unlabeled_tree_with_paths_and_its_bad_input(trained, tmp_path)
   out = str(tmp_path / "embed")
   result = helpers.run_command("corinfomax_tf.embed", f"--encoder={export_dir}",
                                "--dataset=images", f"--data_dir={root}",
-                               f"--output_dir={out}")
+                               f"--workdir={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   with np.load(os.path.join(out, "embeddings.npz")) as saved:
     paths, labels = list(saved["paths"]), saved["labels"]
@@ -335,6 +335,6 @@ def test_embed_an_unlabeled_tree_with_paths_and_its_bad_input(trained, tmp_path)
       (["--dataset=images", f"--data_dir={root}", "--split=train"],
        "--split=train: --dataset=images has no splits"),
       (["--dataset=digits", "--split=validation"], "--split=validation: digits has splits"),
-      (["--dataset=digits", f"--output_dir={out}2", f"--query={root}/nope.png"],
+      (["--dataset=digits", f"--workdir={out}2", f"--query={root}/nope.png"],
        "--query: '" + root + "/nope.png' is not a usable image")],
       helpers.ENV, helpers.ROOT)

@@ -19,7 +19,7 @@ def _commands(export_dir):
       "linear_eval": ("corinfomax_tf.linear_eval", common + [
           "--dataset=digits", "--image_size=8", "--epochs=4", "--batch_size=128",
           "--eval_every_epochs=2", "--crop_min_scale=0.3"], "linear_eval.json",
-          "--output_dir"),
+          "--workdir"),
       "finetune": ("corinfomax_tf.finetune", common + [
           "--dataset=digits", "--image_size=8", "--label_fraction=0.1", "--epochs=4",
           "--batch_size=16", "--backbone_lr=0.02", "--head_lr=0.2", "--lr_decay_epochs=3",

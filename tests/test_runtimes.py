@@ -103,13 +103,13 @@ def test_the_smoke_export_runs_in_onnxruntime_and_litert_as_the_savedmodel(train
   assert got["onnx"] < 1e-4 and got["litert"] < 1e-4 and got["imported"] == [], got
   knn = helpers.run_command("corinfomax_tf.knn_eval", f"--encoder={export}",
                             "--dataset=digits", "--k=5", "--runtime=onnx",
-                            f"--output_dir={tmp_path}/knn")
+                            f"--workdir={tmp_path}/knn")
   assert knn.returncode == 0, knn.stderr[-3000:]
   result = json.loads(knn.stdout.strip().splitlines()[-1])
   assert result["runtime"] == "onnx" and result["k5_top1"] > 10.0
   embed = helpers.run_command("corinfomax_tf.embed", f"--encoder={export}",
                               "--dataset=digits", "--max_images=40", "--runtime=onnx",
-                              f"--output_dir={tmp_path}/embed")
+                              f"--workdir={tmp_path}/embed")
   assert embed.returncode == 0, embed.stderr[-3000:]
   with np.load(tmp_path / "embed" / "embeddings.npz") as saved:
     assert saved["features"].shape == (40, 32)

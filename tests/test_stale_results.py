@@ -195,12 +195,12 @@ def test_reruns_answer_for_the_encoder_and_images_they_are_given(trained, tmp_pa
   export = os.path.join(run, "export")   # a relative link: the copy's own export
   assert os.path.realpath(export).startswith(run)
   linear = ["corinfomax_tf.linear_eval", f"--encoder={export}", "--dataset=digits",
-            "--epochs=1", "--noaugment", f"--output_dir={tmp_path}/linear"]
+            "--epochs=1", "--noaugment", f"--workdir={tmp_path}/linear"]
   first = helpers.run_command(*linear)
   assert first.returncode == 0, first.stderr[-3000:]
   photos = helpers.write_image_tree(str(tmp_path / "photos"), count=6)
   embed = ["corinfomax_tf.embed", f"--encoder={export}", "--dataset=images",
-           f"--data_dir={photos}", f"--output_dir={tmp_path}/embed"]
+           f"--data_dir={photos}", f"--workdir={tmp_path}/embed"]
   assert helpers.run_command(*embed).returncode == 0
   again = helpers.run_command(*embed)
   assert "Reusing the 6 embeddings" in again.stdout, again.stdout[-2000:]
@@ -213,7 +213,7 @@ def test_reruns_answer_for_the_encoder_and_images_they_are_given(trained, tmp_pa
     assert not any(p.endswith(gone) for p in saved["paths"])
   # The export's preset folder is the export (no traceback, the same encoder).
   knn = helpers.run_command("corinfomax_tf.knn_eval", f"--encoder={export}/preset",
-                            "--dataset=digits", "--k=5", f"--output_dir={tmp_path}/knn")
+                            "--dataset=digits", "--k=5", f"--workdir={tmp_path}/knn")
   assert knn.returncode == 0 and "Traceback" not in knn.stderr, knn.stderr[-3000:]
   # Train on, export: the link now points at another step with other weights.
   longer = helpers.run_command("corinfomax_tf.train", f"--flagfile={run}/flags.cfg",
@@ -225,7 +225,7 @@ def test_reruns_answer_for_the_encoder_and_images_they_are_given(trained, tmp_pa
   last = refused.stderr.strip().splitlines()[-1]
   assert last == (f"error: --encoder={export}: holds other weights (step 9) than the "
                   f"encoder the workdir {tmp_path}/linear was computed from (step 6); use "
-                  "a new --output_dir for this encoder, or the same encoder"), last
+                  "a new --workdir for this encoder, or the same encoder"), last
   newer = helpers.run_command(*embed)
   assert "Reusing" not in newer.stdout and "Embedded 5 images" in newer.stdout
 

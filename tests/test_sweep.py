@@ -275,7 +275,7 @@ def test_each_score_equals_a_knn_eval_of_the_trials_export_on_the_split(swept):
   procs = [(t, helpers.start_command(
       "corinfomax_tf.knn_eval", f"--encoder={t['workdir']}/export", "--dataset=digits",
       f"--validation_fraction={v['fraction']}", f"--validation_seed={v['seed']}",
-      f"--output_dir={t['workdir']}/knn_validation")) for t in result["trials"]]
+      f"--workdir={t['workdir']}/knn_validation")) for t in result["trials"]]
   for t, proc in procs:
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]

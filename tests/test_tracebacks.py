@@ -90,10 +90,10 @@ def test_knn_eval_and_embed_on_a_cut_encoder_onnx_are_one_line(trained, tmp_path
   onnx.write_bytes(onnx.read_bytes()[:1000])
   common = [f"--encoder={copy}", "--dataset=digits", "--runtime=onnx"]
   helpers.assert_one_line_errors("corinfomax_tf.knn_eval", [], [
-      (common + [f"--output_dir={tmp_path / 'k'}"], f"{onnx}: ONNX Runtime cannot load it"),
+      (common + [f"--workdir={tmp_path / 'k'}"], f"{onnx}: ONNX Runtime cannot load it"),
   ], env=helpers.ENV, cwd=helpers.ROOT)
   helpers.assert_one_line_errors("corinfomax_tf.embed", [], [
-      (common + [f"--output_dir={tmp_path / 'e'}"], f"{onnx}: ONNX Runtime cannot load it"),
+      (common + [f"--workdir={tmp_path / 'e'}"], f"{onnx}: ONNX Runtime cannot load it"),
   ], env=helpers.ENV, cwd=helpers.ROOT)
 
 
@@ -106,7 +106,7 @@ def test_a_damaged_savedmodel_is_one_line_naming_the_export(trained, tmp_path):
     shutil.copytree(os.path.realpath(export_dir), copy)
     target = copy / cut if cut else next((copy / "variables").glob("variables.data*"))
     target.write_bytes(target.read_bytes()[:len(target.read_bytes()) // 3])
-    cases.append(([f"--encoder={copy}", f"--output_dir={tmp_path / name}-k"],
+    cases.append(([f"--encoder={copy}", f"--workdir={tmp_path / name}-k"],
                   f"--encoder={copy}: the SavedModel cannot be read ("))
   helpers.assert_one_line_errors("corinfomax_tf.knn_eval", ["--dataset=digits"], cases,
                                  env=helpers.ENV, cwd=helpers.ROOT)

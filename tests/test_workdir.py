@@ -209,7 +209,7 @@ def test_a_downstream_resume_with_other_settings_is_refused_naming_the_flag(tmp_
                                 data=config.DataConfig())
 
   def start(c):
-    with epochs.EpochRun.open(c, command="t", result_file="r.json", flag="--output_dir",
+    with epochs.EpochRun.open(c, command="t", result_file="r.json", flag="--workdir",
                               log=lambda line: None):
       pass
   start(cfg)
@@ -219,7 +219,7 @@ def test_a_downstream_resume_with_other_settings_is_refused_naming_the_flag(tmp_
   start(dataclasses.replace(cfg, epochs=200, data=dataclasses.replace(
       cfg.data, tfds_download=True, image_check="full")))
   with pytest.raises(errors.ConfigError, match=r"--lr=0.5: the workdir .* was trained "
-                     r"with lr=0.2; use a new --output_dir or the same value"):
+                     r"with lr=0.2; use a new --workdir or the same value"):
     start(dataclasses.replace(cfg, lr=0.5))
   with pytest.raises(errors.ConfigError, match=r"--image_size=64: the workdir"):
     start(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=64)))

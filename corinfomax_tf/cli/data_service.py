@@ -39,16 +39,19 @@ def define_flags():
 
 
 def main(f):
+  # The flags' checks first: a bad value costs no TensorFlow start-up.
+  if f.port < 0 or f.port > 65535:
+    raise errors.ConfigError(f"--port={f.port}: must be in [0, 65535]")
+  if f.role == "dispatcher" and (f.dispatcher or f.worker_address):
+    raise errors.ConfigError("--dispatcher/--worker_address: only with --role=worker")
+  if f.role != "dispatcher" and not f.dispatcher.split("://")[-1]:
+    raise errors.ConfigError("--dispatcher is required with --role=worker (host:port)")
   runner.start_tensorflow()
   import tensorflow as tf
 
   from corinfomax_tf.data import datasets
   service = tf.data.experimental.service
-  if f.port < 0 or f.port > 65535:
-    raise errors.ConfigError(f"--port={f.port}: must be in [0, 65535]")
   if f.role == "dispatcher":
-    if f.dispatcher or f.worker_address:
-      raise errors.ConfigError("--dispatcher/--worker_address: only with --role=worker")
     _check_port_free(f.port, datasets)
     config = service.DispatcherConfig(port=f.port, work_dir=f.work_dir or None,
                                       fault_tolerant_mode=bool(f.work_dir))
@@ -57,8 +60,6 @@ def main(f):
                f"--data_service=grpc://{socket.gethostname()}:{server.target.rsplit(':', 1)[1]})")
   else:
     address = f.dispatcher.split("://")[-1]
-    if not address:
-      raise errors.ConfigError("--dispatcher is required with --role=worker (host:port)")
     host, _, port = address.rpartition(":")
     _check_port_free(f.port, datasets)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

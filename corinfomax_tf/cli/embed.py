@@ -1,12 +1,12 @@
 r"""Embeddings of a data set through a frozen encoder, to look at and to query.
 
     python -m corinfomax_tf.embed --encoder=runs/digits/export --dataset=digits \
-        --split=test --output_dir=runs/digits/embed
+        --split=test --workdir=runs/digits/embed
     tensorboard --logdir runs/digits/embed          # the Projector tab
     python -m corinfomax_tf.embed --encoder=runs/digits/export --dataset=digits \
-        --split=test --output_dir=runs/digits/embed --query=my_digit.png --k=5
+        --split=test --workdir=runs/digits/embed --query=my_digit.png --k=5
 
-Writes to --output_dir: embeddings.npz (features, labels, paths; labels -1 for
+Writes to --workdir: embeddings.npz (features, labels, paths; labels -1 for
 unlabeled images, paths "" where the set has none), a TensorBoard Projector view
 (projector_config.pbtxt, the embedding checkpoint, metadata.tsv, sprite.png of
 thumbnails) and, with --query, neighbours.json: each query image's --k most similar
@@ -31,7 +31,7 @@ def define_flags():
   from corinfomax_tf import flags as flags_lib
   flags_lib.define_data_flags()
   flags_lib.define_encoder_flag("Encoder export directory or training workdir.")
-  flags.DEFINE_string("output_dir", "",
+  flags.DEFINE_string("workdir", "",
                       "Where the arrays and the Projector view go; default: <encoder's "
                       "parent>/embed_<dataset>_<split>.")
   from corinfomax_tf import config
@@ -143,12 +143,12 @@ def _eval_image(path, size, augment):
 
 def main(flag_values):
   from corinfomax_tf import config as config_lib
+  cfg = config_lib.embed_from_flags(flag_values)
+  runner.start_tensorflow()   # after the config's checks: a bad flag costs no TensorFlow
+  from corinfomax_tf import fingerprints
   from corinfomax_tf.evaluation import embedding
   from corinfomax_tf.export import saved_model
   from corinfomax_tf.training import workdir as workdir_lib
-  cfg = config_lib.embed_from_flags(flag_values)
-  runner.start_tensorflow()
-  from corinfomax_tf import fingerprints
   encoder = saved_model.load_encoder(cfg.encoder, runtime=cfg.runtime)
   size = _image_size(cfg, encoder)
   split = load_split(cfg, size)
@@ -159,7 +159,7 @@ def main(flag_values):
                   images=split[1])
   if split[2].scans:
     settings["files"] = fingerprints.files_digest(split[2].scans)
-  with workdir_lib.Workdir(cfg.workdir, flag="--output_dir", command="corinfomax_tf.embed",
+  with workdir_lib.Workdir(cfg.workdir, flag="--workdir", command="corinfomax_tf.embed",
                            log=runner.log) as workdir:
     if (workdir.read_json(SETTINGS_FILE) == settings
         and os.path.isfile(workdir.join(embedding.ARRAYS_FILE))):
@@ -174,9 +174,10 @@ def main(flag_values):
       query(cfg, encoder, size, arrays, workdir)
   runner.log(json.dumps(dict(images=int(len(arrays["features"])),
                              feature_dim=int(arrays["features"].shape[1]),
-                             output_dir=workdir.path), sort_keys=True))
+                             workdir=workdir.path), sort_keys=True))
 
 
 def run():
   runner.run(main, define_flags, required=[
-      ("encoder", "an export directory or a training workdir")])
+      ("encoder", "an export directory or a training workdir")],
+      renamed=runner.OUTPUT_DIR_RENAMED)

@@ -2,7 +2,7 @@ r"""kNN evaluation of a frozen encoder (cosine similarity, temperature-weighted 
 
     python -m corinfomax_tf.knn_eval --encoder=runs/digits/export --dataset=digits --image_size=16
 
-See corinfomax_tf/evaluation/knn.py. The result goes to <output_dir>/knn_eval.json
+See corinfomax_tf/evaluation/knn.py. The result goes to <workdir>/knn_eval.json
 (default: <encoder's parent>/knn_eval).
 """
 
@@ -18,7 +18,7 @@ def define_flags():
   from corinfomax_tf import flags as flags_lib
   flags_lib.define_data_flags()
   flags_lib.define_encoder_flag("Encoder export directory or training workdir.")
-  flags.DEFINE_string("output_dir", "", "Where results go; default: <encoder's parent>/knn_eval.")
+  flags.DEFINE_string("workdir", "", "Where results go; default: <encoder's parent>/knn_eval.")
   from corinfomax_tf import config
   flags_lib.define_config_flags(config.KnnEvalConfig)
 
@@ -38,7 +38,7 @@ def main(flag_values):
                                      log=runner.log)
   if cfg.validation_fraction:
     source, _ = datasets.holdout(source, cfg.validation_fraction, cfg.validation_seed)
-  with workdir_lib.Workdir(cfg.workdir, flag="--output_dir", command="corinfomax_tf.knn_eval",
+  with workdir_lib.Workdir(cfg.workdir, flag="--workdir", command="corinfomax_tf.knn_eval",
                            log=runner.log) as workdir:
     result = knn.run_knn_eval(encoder, source, image_size=cfg.data.image_size, ks=cfg.k,
                               temperature=cfg.temperature)
@@ -53,4 +53,5 @@ def main(flag_values):
 
 def run():
   runner.run(main, define_flags, required=[
-      ("encoder", "an export directory or a training workdir")])
+      ("encoder", "an export directory or a training workdir")],
+      renamed=runner.OUTPUT_DIR_RENAMED)

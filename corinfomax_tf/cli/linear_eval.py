@@ -4,7 +4,7 @@ r"""Linear evaluation of a frozen encoder, the paper's protocol.
         --encoder=runs/c10/export
 
 The encoder is an export (export/export_encoder.py) or a training workdir; see
-corinfomax_tf/evaluation/linear.py for the protocol. --output_dir (default:
+corinfomax_tf/evaluation/linear.py for the protocol. --workdir (default:
 <encoder's parent>/linear_eval) is the command's workdir: locked while it runs,
 checkpoints after every epoch (rerunning resumes exactly), TensorBoard logs under
 train/ and eval/, and linear_eval.json.
@@ -22,7 +22,7 @@ def define_flags():
   from corinfomax_tf import flags as flags_lib
   flags_lib.define_data_flags()
   flags_lib.define_encoder_flag("Encoder export directory or training workdir.")
-  flags.DEFINE_string("output_dir", "",
+  flags.DEFINE_string("workdir", "",
                       "The workdir: checkpoints, logs and linear_eval.json; default: "
                       "<encoder's parent>/linear_eval.")
   from corinfomax_tf import config
@@ -48,4 +48,5 @@ def main(flag_values):
 
 def run():
   runner.run(main, define_flags, required=[
-      ("encoder", "an export directory or a training workdir")])
+      ("encoder", "an export directory or a training workdir")],
+      renamed=runner.OUTPUT_DIR_RENAMED)

@@ -62,6 +62,11 @@ def fail(error):
 
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
 
+# Old flag name -> its name now. A command that renamed a flag still takes the old name,
+# with one line saying so (`run(..., renamed=...)`). The evaluation commands' output
+# directory is `--workdir`, as on every other command that owns a directory.
+OUTPUT_DIR_RENAMED = {"output_dir": "workdir"}
+
 
 def program_name(main):
   """How the user called the command: `corinfomax train` (the dispatcher sets it) or
@@ -85,9 +90,12 @@ def _flag_lines(flag):
   return [head] + textwrap.wrap(text, 84, initial_indent="      ", subsequent_indent="      ")
 
 
-def help_text(main, own_flags):
+def help_text(main, own_flags, renamed=None):
   """The command's usage: its docstring and its own flags, grouped by config section
-  (the flags absl and TensorFlow define are left to --helpfull)."""
+  (the flags absl and TensorFlow define are left to --helpfull); `renamed` (old name ->
+  new) last, as deprecated names."""
+  renamed = renamed or {}
+  own_flags = [flag for flag in own_flags if flag.name not in renamed]
   from corinfomax_tf import flags as flags_lib
   doc = (sys.modules[main.__module__].__doc__ or "").strip("\n")
   lines = [f"usage: {program_name(main)} [--flagfile=FILE] [--name=value ...]", ""]
@@ -100,6 +108,10 @@ def help_text(main, own_flags):
     lines.append(f"{title} flags:")
     for flag in members:
       lines += _flag_lines(flag)
+    lines.append("")
+  if renamed:
+    lines.append("deprecated flags (still accepted, with one line):")
+    lines += [f"  --{old}: the old name of --{new}" for old, new in renamed.items()]
     lines.append("")
   lines.append("--flagfile=FILE reads flags from a file (configs/<name>.cfg names a shipped "
                "one); --helpfull lists every flag, absl's own included.")
@@ -118,13 +130,39 @@ def check_backend(backends=("tensorflow",)):
         "set it to tensorflow")
 
 
+def define_renamed(renamed):
+  """A string flag for each old name in `renamed` (old -> new), read by
+  `apply_renamed`."""
+  from absl import flags
+  for old, new in renamed.items():
+    flags.DEFINE_string(old, None, f"Deprecated: the old name of --{new}.")
+
+
+def apply_renamed(renamed, values, warn=None):
+  """Gives each new flag the value its old name was given, with one deprecation line
+  (on stderr); the two names set to different values are a ConfigError."""
+  warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+  for old, new in renamed.items():
+    if not values[old].present:
+      continue
+    given = values[old].value
+    if values[new].present and values[new].value != given:
+      raise errors.ConfigError(
+          f"--{old}={given} and --{new}={values[new].value}: --{old} is the old name of "
+          f"--{new}; give --{new} alone")
+    warn(f"warning: --{old} is deprecated: it is the old name of --{new}; "
+         f"use --{new}={given}")
+    values[new].value = given
+
+
 def run(main, define_flags, *, quiet_level="warning", required=(),
-        backends=("tensorflow",)):
+        backends=("tensorflow",), renamed=None):
   """Defines the flags, parses argv and runs `main(FLAGS)` under the error policy.
 
   `--help` prints the command's own flags and exits 0 before anything else (no
   TensorFlow). `required`: (flag, what it must be) pairs that must be given.
-  `backends`: the Keras backends the command runs on (KERAS_BACKEND).
+  `backends`: the Keras backends the command runs on (KERAS_BACKEND). `renamed`: old
+  flag name -> new name (OUTPUT_DIR_RENAMED), the old name accepted with one line.
   """
   from absl import app
   from absl import flags
@@ -133,9 +171,11 @@ def run(main, define_flags, *, quiet_level="warning", required=(),
   from corinfomax_tf import flags as flags_lib
   absl_own = set(flags.FLAGS)
   define_flags()
+  renamed = renamed or {}
+  define_renamed(renamed)
   if any(arg in HELP_ARGS for arg in sys.argv[1:]):
     print(help_text(main, [flags.FLAGS[name] for name in flags.FLAGS
-                           if name not in absl_own]))
+                           if name not in absl_own], renamed))
     sys.exit(0)
 
   def wrapped(argv):
@@ -147,6 +187,7 @@ def run(main, define_flags, *, quiet_level="warning", required=(),
       if len(argv) > 1:
         raise errors.ConfigError(
             f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+      apply_renamed(renamed, flags.FLAGS)
       for name, what in required:
         if not flags.FLAGS[name].value:
           raise errors.ConfigError(f"--{name} is required ({what})")

@@ -36,12 +36,12 @@ def main(flag_values):
 
   from corinfomax_tf import config as config_lib
   from corinfomax_tf import flags as flags_lib
-  runner.start_tensorflow()
-  from corinfomax_tf.tuning import sweep as sweep_lib
   own = {f.name: flag_values[f.name].value for f in dataclasses.fields(config_lib.SweepConfig)
          if f.name not in ("workdir", "search", "train")}
-  cfg = sweep_lib.sweep_config(flags_lib.train_values(flag_values), flag_values.search,
-                               **own)
+  cfg = config_lib.sweep_config(flags_lib.train_values(flag_values), flag_values.search,
+                                **own)
+  runner.start_tensorflow()   # after every check: a bad --search costs no TensorFlow
+  from corinfomax_tf.tuning import sweep as sweep_lib
   sweep_lib.Sweep(cfg, log=runner.log).run()
 
 

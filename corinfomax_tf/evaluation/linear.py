@@ -116,7 +116,7 @@ def run_linear_eval(encoder, source, cfg, log=print):
   if cfg.deterministic:
     tf.config.experimental.enable_op_determinism()
   with epochs_lib.EpochRun.open(cfg, command="corinfomax_tf.linear_eval",
-                                result_file=RESULT_FILE, flag="--output_dir",
+                                result_file=RESULT_FILE, flag="--workdir",
                                 log=log, encoder=encoder.identity) as run:
     if run.finished is not None:
       log(f"Already evaluated: {cfg.epochs} epochs in {cfg.workdir}")

@@ -31,6 +31,8 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
 from corinfomax_tf import config as config_lib
+# The sweep's checked config, built before TensorFlow starts (the command's edge).
+from corinfomax_tf.config import sweep_config  # noqa: F401
 from corinfomax_tf import errors
 from corinfomax_tf import flags as flags_lib
 from corinfomax_tf.data import datasets as data_lib
@@ -411,40 +413,6 @@ class Sweep:
 
 def _short(value):
   return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def sweep_config(train_values, search, **settings):
-  """A validated `config.SweepConfig` from the train flags' values (`train_values`,
-  flag name -> value), the `--search` specs and the sweep's own settings by name.
-  Every check (the fixed flags, each parameter's range, each sampled flag's bounds)
-  runs here, before any trial."""
-  config_lib.from_flags(types.SimpleNamespace(**train_values))
-  params = space_lib.parse_all(list(search), train_values)
-  for p in params:
-    if p.kind == "choice":
-      probes = p.choices
-    else:
-      probes = (p.low, p.high)
-    for value in probes:   # each end of the range must be a valid setting
-      try:
-        config_lib.from_flags(types.SimpleNamespace(
-            **space_lib.apply(train_values, {p.name: value})))
-      except errors.ConfigError as e:
-        raise errors.ConfigError(f"--search={p.spec()}: {value} is not a valid value "
-                                 f"({e})") from None
-  fields = {f.name for f in dataclasses.fields(config_lib.SweepConfig)}
-  unknown = sorted(set(settings) - fields)
-  if unknown:
-    raise ValueError(f"Unknown sweep settings {unknown}. Received: "
-                     + ", ".join(f"{k}={settings[k]!r}" for k in unknown))
-  values = {f.name: f.default for f in dataclasses.fields(config_lib.SweepConfig)
-            if f.name not in ("workdir", "search", "train")}
-  values.update(settings)
-  config_lib.validate_fields(config_lib.SweepConfig, types.SimpleNamespace(**values),
-                             skip=("workdir", "search", "train"))
-  workdir = train_values["workdir"]
-  return config_lib.SweepConfig(workdir=workdir, search=tuple(params),
-                                train=dict(train_values), **values)
 
 
 def sweep(search, *, workdir, n_trials=20, backbone=None, images=None, log=print,
