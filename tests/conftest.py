@@ -7,7 +7,26 @@ runs on the default strategy (the first device).
 import os
 import sys
 
-from corinfomax_tf import quiet  # before the level below: it records the user's
+
+def _threads_per_worker():
+  """Under pytest-xdist, each worker's TensorFlow (and every command it starts) gets its
+  share of the cores for its intra-op and inter-op pools, unless the user set them. By
+  default every process sizes both pools to all the cores, so two workers, each with a
+  training subprocess, oversubscribe a 2-core machine several times over. TensorFlow's
+  spinning pool threads then take turns on the cores, and an in-process test that takes
+  12 s alone took 110 s in the suite. Set before TensorFlow starts; the fork server and
+  every command inherit it."""
+  workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+  if workers < 2:
+    return
+  share = str(max(1, (os.cpu_count() or 1) // workers))
+  for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    os.environ.setdefault(name, share)
+
+
+_threads_per_worker()
+
+from corinfomax_tf import quiet  # noqa: E402  (before the level below: it records the user's)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 quiet.start_tensorflow()   # TensorFlow's start-up lines off the test output
@@ -34,7 +53,29 @@ def pytest_collection_modifyitems(items):
   # the others wait little for an `alone` test to begin (and its processes keep the
   # cores busy while they wait); later, a worker would sit idle until the other
   # worker's running test ended.
-  items.sort(key=lambda item: item.get_closest_marker("alone") is None)
+  # Then the longest tests (measured), so that no worker starts a minutes-long test
+  # while the other has nothing left to take (a name that no longer exists only loses
+  # its place).
+  items.sort(key=lambda item: (item.get_closest_marker("alone") is None,
+                               item.nodeid.split("[")[0] not in LONGEST))
+
+
+# The longest tests of a run, longest first (`--durations=25` on a 2-core machine).
+LONGEST = {
+    "tests/test_jax_backend.py::test_train_command_on_jax_resumes_exactly_exports_and_probes",
+    "tests/test_jax_backend.py::test_loss_terms_and_gradients_equal_tensorflows_in_float64",
+    "tests/test_train.py::test_rerun_resumes_and_a_finished_run_does_not_train_twice",
+    "tests/test_library.py::test_wheel_installed_in_a_folder_trains_a_vit_and_exports_it",
+    "tests/test_train.py::test_extension_killed_midway_resumes_to_the_uninterrupted_result",
+    "tests/test_sweep.py::test_a_killed_sweep_reruns_to_the_uninterrupted_result",
+    "tests/test_train.py::test_short_run_on_generated_images_writes_everything",
+    "tests/test_reported_figures.py::"
+    "test_a_run_preempted_mid_epoch_reports_the_uninterrupted_final_terms",
+    "tests/test_monitoring.py::test_a_real_tensorboard_server_lists_the_run",
+    "tests/test_export.py::test_the_preset_loads_in_keras_hub_on_every_backend",
+    "tests/test_train.py::test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint",
+    "tests/test_benchmark.py::test_json_fields_xla_agreement_and_single_trace",
+}
 
 
 # The suite runs on pytest-xdist workers (pyproject's addopts: -n auto, at most 4). A

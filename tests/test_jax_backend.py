@@ -198,10 +198,10 @@ def test_train_command_on_jax_resumes_exactly_exports_and_probes(tmp_path):
                "--noexport", backend_flag=None)
   assert "Resumed from" in out
   # Back on TensorFlow, the workdir says which backend it belongs to.
-  proc = subprocess.run([sys.executable, "-m", "corinfomax_tf.train",
-                         f"--flagfile={resumed}/flags.cfg", "--backend=tensorflow"],
-                        env=helpers.ENV, cwd=helpers.ROOT, capture_output=True, text=True,
-                        timeout=300)
+  proc = helpers.run([sys.executable, "-m", "corinfomax_tf.train",
+                      f"--flagfile={resumed}/flags.cfg", "--backend=tensorflow"],
+                     env=helpers.ENV, cwd=helpers.ROOT, capture_output=True, text=True,
+                     timeout=300)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith(
       f"error: --backend=tensorflow: the workdir {resumed} was trained with --backend=jax")
