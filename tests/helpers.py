@@ -155,3 +155,33 @@ def write_backbone_config(path, kind, image_size=8):
   with open(path, "w") as fh:
     json.dump(keras.saving.serialize_keras_object(tiny_backbone(kind, image_size)), fh)
   return str(path)
+
+
+def shared_once(tmp_path_factory, name, make):
+  """`make(folder)` run once for the whole test run: under pytest-xdist the first
+  worker to ask makes it in a folder every worker sees (the run's base temporary
+  folder) while the others wait on a lock, and all return what it returned (JSON).
+  A failure is raised again in every worker that asks."""
+  import fcntl
+  import json
+
+  import pytest
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    return make(str(tmp_path_factory.mktemp(name)))
+  base = tmp_path_factory.getbasetemp().parent
+  folder, done = base / name, base / f"{name}.json"
+  with open(base / f"{name}.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      try:
+        folder.mkdir()
+        answer = {"value": make(str(folder))}
+      except BaseException as exc:   # noqa: B036 (recorded, then raised)
+        answer = {"error": f"{type(exc).__name__}: {exc}"}
+        done.write_text(json.dumps(answer))
+        raise
+      done.write_text(json.dumps(answer))
+  answer = json.loads(done.read_text())
+  if "error" in answer:
+    pytest.fail(f"the shared fixture {name} failed in another worker: {answer['error']}")
+  return answer["value"]

@@ -38,20 +38,26 @@ def _inputs(rng):
 
 @pytest.fixture(scope="module")
 def jax_run(tmp_path_factory):
-  """(directory, inputs, JAX results): the JAX process run once for every test."""
-  import keras
-  directory = str(tmp_path_factory.mktemp("jax"))
-  inputs = _inputs(np.random.default_rng(0))
-  np.savez(os.path.join(directory, "inputs.npz"), **inputs)
-  for kind in jax_checks.KINDS:
-    keras.utils.set_random_seed(0)
-    jax_checks.build(kind).save_weights(os.path.join(directory, f"{kind}.weights.h5"))
-  env = dict(helpers.ENV, KERAS_BACKEND="jax",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  proc = subprocess.run([sys.executable, "-m", "tests.jax_checks", directory], env=env,
-                        cwd=helpers.ROOT, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return directory, inputs, dict(np.load(os.path.join(directory, "jax.npz")))
+  """(directory, inputs, JAX results): the JAX process, run once for the whole test run
+  (every pytest-xdist worker shares it)."""
+
+  def make(directory):
+    import keras
+    np.savez(os.path.join(directory, "inputs.npz"), **_inputs(np.random.default_rng(0)))
+    for kind in jax_checks.KINDS:
+      keras.utils.set_random_seed(0)
+      jax_checks.build(kind).save_weights(os.path.join(directory, f"{kind}.weights.h5"))
+    env = dict(helpers.ENV, KERAS_BACKEND="jax",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-m", "tests.jax_checks", directory], env=env,
+                          cwd=helpers.ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return directory
+
+  directory = helpers.shared_once(tmp_path_factory, "jax_run", make)
+  with np.load(os.path.join(directory, "inputs.npz")) as inputs, \
+       np.load(os.path.join(directory, "jax.npz")) as jax_out:
+    return directory, dict(inputs), dict(jax_out)
 
 
 def _relative(a, b):

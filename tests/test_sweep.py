@@ -227,11 +227,16 @@ def read_json(*parts):
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-  """A 3-trial sweep run once, uninterrupted, with every trial exported."""
-  workdir = str(tmp_path_factory.mktemp("sweep") / "s")
-  result = sweep(workdir, "--n_trials=3", "--export", "--test_best", timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result.stdout
+  """A 3-trial sweep run once for the whole test run (every pytest-xdist worker shares
+  it), uninterrupted, with every trial exported. Tests only read it."""
+
+  def make(folder):
+    workdir = os.path.join(folder, "s")
+    result = sweep(workdir, "--n_trials=3", "--export", "--test_best", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [workdir, result.stdout]
+
+  return tuple(helpers.shared_once(tmp_path_factory, "swept", make))
 
 
 @pytest.mark.slow

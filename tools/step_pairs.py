@@ -44,13 +44,25 @@ def authors(torch_python, batch_size, steps):
   return last_json(out.stdout)["images_per_second"]
 
 
-def main():
+def round_arguments(rounds):
+  """The options every alternated-rounds tool takes (this one, thread_settings.py)."""
   parser = argparse.ArgumentParser()
-  parser.add_argument("--torch_python", default="/tmp/tv/bin/python")
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=rounds)
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--json", default="")
+  return parser
+
+
+def write_json(path, rows):
+  if path:
+    with open(path, "w") as fh:
+      json.dump(rows, fh, indent=1)
+
+
+def main():
+  parser = round_arguments(3)
+  parser.add_argument("--torch_python", default="/tmp/tv/bin/python")
   args = parser.parse_args()
   rows = []
   for i in range(args.rounds):
@@ -64,9 +76,7 @@ def main():
   med = {k: statistics.median(r[k] for r in rows) for k in ("no_xla", "xla", "authors")}
   print(f"medians: ours {med['no_xla']:.2f} without XLA, {med['xla']:.2f} with; authors' "
         f"{med['authors']:.2f} images/s")
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(rows, fh, indent=1)
+  write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ matmuls and their fusions; on by default on x86). Prints one line per run and ea
 setting's median images/s; --json writes every figure.
 """
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,12 +30,7 @@ SETTINGS = {
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--batch_size", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--json", default="")
-  args = parser.parse_args()
+  args = step_pairs.round_arguments(2).parse_args()
   rows = {name: [] for name in SETTINGS}
   saved = dict(os.environ)
   for i in range(args.rounds):
@@ -55,9 +48,7 @@ def main():
   for name, runs in rows.items():
     print(f"  {name:<28} {statistics.median(r['no_xla'] for r in runs):6.2f} without XLA, "
           f"{statistics.median(r['xla'] for r in runs):6.2f} with")
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(rows, fh, indent=1)
+  step_pairs.write_json(args.json, rows)
 
 
 if __name__ == "__main__":
