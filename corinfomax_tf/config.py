@@ -929,16 +929,24 @@ def sweep_config(train_values, search, **settings):
             if f.name not in ("workdir", "search", "train")}
   values.update(settings)
   validate_fields(SweepConfig, types.SimpleNamespace(**values),
-                             skip=("workdir", "search", "train"))
+                  skip=("workdir", "search", "train"))
   workdir = train_values["workdir"]
-  return SweepConfig(workdir=workdir, search=tuple(params),
-                                train=dict(train_values), **values)
+  return SweepConfig(workdir=workdir, search=tuple(params), train=dict(train_values),
+                     **values)
+
+
+def training_config_path(workdir):
+  """`<workdir>/config.json`, or an ExportError naming a workdir that has none (not a
+  training workdir). TensorFlow-free: the export command checks before it starts."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise errors.ExportError(f"--workdir={workdir}: no config.json (not a training workdir)")
+  return path
 
 
 def export_from_flags(f):
-  if f.workdir and not os.path.isfile(os.path.join(f.workdir, "config.json")):
-    # The export's own check (saved_model.restore_encoder), before TensorFlow starts.
-    raise errors.ExportError(f"--workdir={f.workdir}: no config.json (not a training workdir)")
+  if f.workdir:
+    training_config_path(f.workdir)
   return _from_flags(ExportConfig, f, checkpoint=f.checkpoint or "")
 
 

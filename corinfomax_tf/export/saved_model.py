@@ -41,6 +41,7 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
+from corinfomax_tf import config as config_lib
 from corinfomax_tf import errors, fingerprints
 from corinfomax_tf.export import runtimes
 from corinfomax_tf.models import backbone as backbone_lib  # (registers the class)
@@ -61,10 +62,7 @@ PRESET_DIR = "preset"
 def restore_encoder(workdir, checkpoint=None):
   """(encoder, config dict, step, checkpoint path) from a training workdir's newest
   intact (or the given) checkpoint; raises a UserError naming the workdir or file."""
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise errors.ExportError(f"--workdir={workdir}: no config.json (not a training workdir)")
-  with open(config_path) as fh:
+  with open(config_lib.training_config_path(workdir)) as fh:
     config = json.load(fh)
   directory = os.path.join(workdir, "checkpoints")
   if checkpoint and not tf.io.gfile.exists(checkpoint + ".index"):
