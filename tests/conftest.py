@@ -60,7 +60,8 @@ def pytest_collection_modifyitems(items):
                                item.nodeid.split("[")[0] not in LONGEST))
 
 
-# The longest tests of a run, longest first (`--durations=25` on a 2-core machine).
+# The longest tests of a run (`--durations=25` on a 2-core machine), started before the
+# others (in collection order among themselves).
 LONGEST = {
     "tests/test_jax_backend.py::test_train_command_on_jax_resumes_exactly_exports_and_probes",
     "tests/test_jax_backend.py::test_loss_terms_and_gradients_equal_tensorflows_in_float64",
@@ -125,10 +126,6 @@ def _quick_tests_start_no_process(request, monkeypatch):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# Made once for the whole run and shared by every worker (helpers.shared_once).
-shared_once = helpers.shared_once
-
-
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
   """A smoke-trained workdir and its export, shared by the export, fine-tuning and
@@ -150,4 +147,4 @@ def trained(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reload check passed" in result.stdout
     return [workdir, export_dir]
-  return tuple(shared_once(tmp_path_factory, "trained", make))
+  return tuple(helpers.shared_once(tmp_path_factory, "trained", make))
