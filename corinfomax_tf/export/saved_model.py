@@ -35,6 +35,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import keras
 import keras_hub
@@ -608,8 +610,6 @@ def export_workdir_in_tensorflow(workdir, export_dir, *, onnx=True, litert=True,
   """`export_workdir` of the newest checkpoint in a process of its own on Keras'
   TensorFlow backend (the `export` command): how a run on JAX exports. Its warning and
   runtime lines go to `log`; a failure is one line. Returns (step directory, step)."""
-  import subprocess
-  import sys
   env = dict(os.environ, KERAS_BACKEND="tensorflow")
   args = [sys.executable, "-m", "corinfomax_tf.export", f"--workdir={workdir}",
           f"--export_dir={export_dir}", "--overwrite", f"--{'' if onnx else 'no'}onnx",
