@@ -40,6 +40,36 @@ def test_knn_and_probe_on_separable_clusters():
   assert evaluation.topk_accuracy(np.eye(4)[[1, 2]], np.array([1, 3]), ks=(1,)) == {"top1": 50.0}
 
 
+@pytest.mark.parametrize("samples,batch_size,epochs,seed",
+                         [(37, 8, 7, 0), (32, 8, 5, 3), (6, 256, 40, 1)])
+def test_the_probe_classifier_trains_bit_for_bit_as_keras_fit_on_arrays(
+    samples, batch_size, epochs, seed):
+  # The probe's one repeated dataset against the Keras call it replaces (a partial
+  # last batch, none, and one batch an epoch as on tiny labelled sets).
+  rs = np.random.RandomState(seed)
+  x = rs.randn(samples, 5).astype(np.float32)
+  y = rs.randint(0, 3, samples)
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input(shape=(5,))
+  expected = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+  expected.compile(optimizer=keras.optimizers.Adam(1e-3),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  expected.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True)
+  got = evaluation.train_classifier(x, y, 3, epochs=epochs, batch_size=batch_size,
+                                    learning_rate=1e-3, seed=seed)
+  assert int(got.optimizer.iterations.numpy()) == epochs * -(-samples // batch_size)
+  for want, have in zip(expected.weights, got.weights):
+    np.testing.assert_array_equal(have.numpy(), want.numpy())
+  if samples > batch_size:   # the order matters: fit without shuffling differs
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(5,))
+    unshuffled = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    unshuffled.compile(optimizer=keras.optimizers.Adam(1e-3),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    unshuffled.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=False)
+    assert not np.array_equal(unshuffled.weights[0].numpy(), got.weights[0].numpy())
+
+
 def _model(probe_classes):
   keras.utils.set_random_seed(0)
   model = ssl_model.build_pretraining_model(
