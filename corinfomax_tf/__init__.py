@@ -29,6 +29,7 @@ __version__ = "0.14.2"
 _API = {
     "UserError": "corinfomax_tf.errors",
     "CorInfoMaxBackbone": "corinfomax_tf.models.backbone",
+    "FusedBatchNormalization": "corinfomax_tf.models.fused_batch_norm",
     "Projector": "corinfomax_tf.models.projector",
     "pooled_model": "corinfomax_tf.models.pooling",
     "CorInfoMaxLoss": "corinfomax_tf.method.losses",
@@ -45,7 +46,8 @@ _API = {
 
 __all__ = ["CorInfoMax", "CorInfoMaxLoss", "CorInfoMaxBackbone", "Projector",
            "ViewConfig", "PAPER_VIEWS", "two_views", "pretrain", "pooled_model",
-           "export_workdir", "load_encoder", "load_preset", "sweep", "UserError"]
+           "export_workdir", "load_encoder", "load_preset", "sweep", "UserError",
+           "FusedBatchNormalization"]
 
 
 def __getattr__(name):

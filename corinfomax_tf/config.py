@@ -201,6 +201,11 @@ class ModelConfig:
   sync_bn: bool = setting(
       True,
       'Synchronise BatchNorm across replicas (only when there are several).')
+  fused_batch_norm: bool = setting(
+      False,
+      "Our ResNet's BatchNorm as one fused TensorFlow op in training (oneDNN's or "
+      "cuDNN's kernel): a faster step (1.2x on a 2-core CPU, docs/benchmarks.md), not "
+      "bitwise the default step that equals the authors' (sums in another order).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,6 +483,10 @@ def _model_section(f):
   elif not specs.is_resnet(f.backbone):
     _check(bool(f.backbone.strip()), "backbone", "''",
            "must name a backbone: resnet18, resnet34, resnet50 or a keras-hub preset")
+  _check(not f.fused_batch_norm or (specs.is_resnet(f.backbone) and not f.backbone_config),
+         "fused_batch_norm", True,
+         "applies to our ResNet's BatchNorm (--backbone=resnet, resnet18/34/50), not to "
+         f"{f.backbone_config or f.backbone}")
   depth = computed.get("depth", f.depth)
   _check(depth in specs.BLOCKS, "depth", f.depth, f"must be one of {sorted(specs.BLOCKS)}")
   _check(f.stem in specs.STEMS, "stem", f.stem, f"must be one of {specs.STEMS}")
@@ -553,7 +562,10 @@ def _backend(f):
          f"the online probe trains on --backend=tensorflow only; the end-of-training "
          f"probe and --knn_every_epochs run on JAX ({where})"),
         ("data_service", not f.data_service,
-         f"the tf.data service feeds --backend=tensorflow only ({where})")])
+         f"the tf.data service feeds --backend=tensorflow only ({where})"),
+        ("fused_batch_norm", "fused_batch_norm" not in f or not f.fused_batch_norm,
+         f"TensorFlow's fused kernel; on JAX the step is compiled whole by XLA, which "
+         f"fuses BatchNorm's operations itself ({where})")])
   return backend
 
 

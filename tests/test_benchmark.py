@@ -19,7 +19,7 @@ FIELDS = {"config", "device", "images_per_second", "ms_per_step", "traces", "los
           "model_flops_per_step", "flops_counting", "achieved_flops_per_second",
           "matmul_flops_per_second", "matmul_size", "mfu_vs_matmul", "peak_memory_bytes",
           "peak_memory_kind", "pipeline", "loss_alone", "matmul_dtype", "cpu_peak",
-          "mfu_vs_peak"}
+          "mfu_vs_peak", "settings"}
 
 
 def benchmark(*args):
@@ -54,6 +54,17 @@ def test_json_fields_xla_agreement_and_single_trace():
   assert sharded["workers"] == 2 and sharded["global_images_per_second_one_worker"] > 0
   assert r["covariance_dtypes"] == ["float64"]
   assert r["matmul_dtype"] == "float32"
+  # The start-up settings it ran with, e.g. the workers' thread shares (conftest.py).
+  assert r["settings"].get("TF_NUM_INTRAOP_THREADS") == os.environ.get(
+      "TF_NUM_INTRAOP_THREADS")
+
+
+def test_speed_settings_are_the_start_up_variables_that_are_set():
+  from corinfomax_tf.benchmarking import training_step
+  environ = {"ONEDNN_MAX_CPU_ISA": "AVX2", "TF_NUM_INTEROP_THREADS": "", "HOME": "/x",
+             "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}
+  assert training_step.speed_settings(environ) == {
+      "ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}
 
 
 CPUINFO = """processor	: 0
@@ -74,11 +85,15 @@ def test_cpu_peak_is_cores_fma_units_lanes_2_and_the_clock(tmp_path, vendor, nam
   from corinfomax_tf.benchmarking import training_step
   path = tmp_path / "cpuinfo"
   path.write_text(CPUINFO.format(vendor=vendor, name=name, flags=flags))
-  peak = training_step.cpu_peak(str(path), cores=2)
+  peak = training_step.cpu_peak(str(path), cores=2, max_isa="")
   assert (peak["float32_lanes"], peak["fma_units_per_core"]) == (lanes, units)
   assert peak["flops_per_second"] == pytest.approx(2 * units * lanes * 2 * 2.5e9)
   assert peak["cpu"] == name
   assert training_step.cpu_peak(str(tmp_path / "missing")) is None
+  # oneDNN capped at AVX2 (tools/step_pairs.py --max_isa=AVX2): 8 lanes at most.
+  capped = training_step.cpu_peak(str(path), cores=2, max_isa="AVX2")
+  assert capped["float32_lanes"] == min(lanes, 8)
+  assert training_step.cpu_peak(str(path), cores=2, max_isa="SSE41")["float32_lanes"] == 4
 
 
 def test_utilisation_is_measured_against_a_matmul_in_the_steps_compute_dtype():

@@ -15,6 +15,7 @@ import pytest
 from corinfomax_tf.method import losses  # noqa: F401
 from corinfomax_tf.method import model  # noqa: F401
 from corinfomax_tf.models import backbone  # noqa: F401
+from corinfomax_tf.models import fused_batch_norm  # noqa: F401
 from corinfomax_tf.models import pooling  # noqa: F401
 from corinfomax_tf.models import projector  # noqa: F401
 from corinfomax_tf.training import schedules  # noqa: F401
@@ -36,7 +37,20 @@ EXAMPLES = {
     "Projector": dict(input_dim=8, spec="16-4", batch_norm=True, l2_normalize=False,
                       sync_batch_norm=True),
     "CorInfoMaxBackbone": dict(depth=34, stem="imagenet", width=4, image_size=32,
-                               sync_batch_norm=True, dtype="float64"),
+                               sync_batch_norm=True, fused_batch_norm=True,
+                               dtype="float64"),
+    "FusedBatchNormalization": dict(
+        axis=2, momentum=0.8, epsilon=1e-4, center=False, scale=False,
+        beta_initializer=keras.initializers.Constant(0.5),
+        gamma_initializer=keras.initializers.Constant(2.0),
+        moving_mean_initializer=keras.initializers.Constant(0.1),
+        moving_variance_initializer=keras.initializers.Constant(3.0),
+        beta_regularizer=keras.regularizers.L2(0.01),
+        gamma_regularizer=keras.regularizers.L1(0.02),
+        beta_constraint=keras.constraints.NonNeg(),
+        gamma_constraint=keras.constraints.MaxNorm(2.0), renorm=True,
+        renorm_clipping={"rmax": 2.0, "rmin": 0.5, "dmax": 1.0}, renorm_momentum=0.9,
+        synchronized=True),
     "WarmupCosine": dict(base_lr=0.3, total_steps=100, warmup_steps=10,
                          warmup_start_lr=0.01, min_lr=1e-4, steps_per_update=3),
     "ExtendedSchedule": dict(
@@ -74,7 +88,9 @@ def test_config_round_trips_every_constructor_argument(name):
     got = config[key]
     if key == "dtype":  # keras-hub serialises the policy
       got = keras.dtype_policies.deserialize(got).name
-    if isinstance(value, (keras.layers.Layer, keras.optimizers.schedules.LearningRateSchedule)):
+    if isinstance(value, (keras.layers.Layer, keras.optimizers.schedules.LearningRateSchedule,
+                          keras.initializers.Initializer, keras.regularizers.Regularizer,
+                          keras.constraints.Constraint)):
       # nested objects: as Keras serialises them
       value = keras.saving.serialize_keras_object(value)
     assert got == pytest.approx(value) if isinstance(value, float) else \

@@ -3,6 +3,8 @@ by a resumed run; --jit_compile / --nojit_compile force it."""
 
 import dataclasses
 import json
+import os
+from unittest import mock
 
 import pytest
 
@@ -130,3 +132,6 @@ def test_the_key_changes_with_the_step_and_not_with_the_workdir():
   assert key != xla_choice.machine_key(cfg, 16)
   assert key != xla_choice.machine_key(
       dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=4)), 8)
+  # A measurement under other thread or oneDNN settings holds for those only.
+  with mock.patch.dict(os.environ, {"ONEDNN_MAX_CPU_ISA": "AVX2"}):
+    assert key != xla_choice.machine_key(cfg, 8)

@@ -129,7 +129,8 @@ def main():
   seconds = (time.perf_counter() - start) / args.steps
   print(json.dumps({"images_per_second": args.batch_size / seconds,
                     "ms_per_step": 1000 * seconds, "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "loss": float(loss.detach())}))
+                    "torch": torch.__version__, "loss": float(loss.detach()),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability()}))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ falls on every setting alike. The settings are environment variables TensorFlow 
 at start-up: TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS (0 or unset: one thread
 per core for each pool) and TF_ENABLE_ONEDNN_OPTS (oneDNN's kernels for convolutions,
 matmuls and their fusions; on by default on x86). Prints one line per run and each
-setting's median images/s; --json writes every figure.
+setting's median images/s; --json writes every figure; --max_isa=AVX2 runs every
+setting as on a CPU without AVX-512 (tools/step_pairs.py).
 """
 
 import os
@@ -31,6 +32,7 @@ SETTINGS = {
 
 def main():
   args = step_pairs.round_arguments(2).parse_args()
+  step_pairs.cap_instruction_set(args.max_isa)
   rows = {name: [] for name in SETTINGS}
   saved = dict(os.environ)
   for i in range(args.rounds):

@@ -66,7 +66,7 @@ def cpuinfo_fields(cpuinfo="/proc/cpuinfo"):
   return fields
 
 
-def cpu_peak(cpuinfo="/proc/cpuinfo", cores=None):
+def cpu_peak(cpuinfo="/proc/cpuinfo", cores=None, max_isa=None):
   """The CPU's theoretical float32 peak as detected: cores x FMA units x vector lanes x
   2 FLOPs (a fused multiply-add) x clock.
 
@@ -74,8 +74,10 @@ def cpu_peak(cpuinfo="/proc/cpuinfo", cores=None):
   16 float32 lanes; avx2 with fma: 8; else 4). It does not list FMA units per core:
   2 are assumed (Zen 2-4's 256-bit units, Intel's cores with AVX2, Xeons with two
   AVX-512 units), except AMD with AVX-512 (Zen 4 runs a 512-bit FMA on its two 256-bit
-  units: 1 unit of 16 lanes). Returns a dict with every factor, or None where the
-  file says nothing (not Linux, not x86)."""
+  units: 1 unit of 16 lanes). A cap on oneDNN's instruction set (`max_isa`, by
+  default ONEDNN_MAX_CPU_ISA: AVX2... or SSE41, as tools/step_pairs.py --max_isa sets
+  it) caps the vector width the same way. Returns a dict with every factor, or None
+  where the file says nothing (not Linux, not x86)."""
   fields = cpuinfo_fields(cpuinfo)
   if fields is None:
     return None
@@ -85,6 +87,11 @@ def cpu_peak(cpuinfo="/proc/cpuinfo", cores=None):
     return None
   flags = set(fields.get("flags", "").split())
   amd = "AMD" in fields.get("vendor_id", "") or "AMD" in fields.get("model name", "")
+  cap = (os.environ.get("ONEDNN_MAX_CPU_ISA", "") if max_isa is None else max_isa).upper()
+  if cap.startswith("AVX2"):
+    flags -= {"avx512f"}
+  elif cap == "SSE41":
+    flags -= {"avx512f", "avx2"}
   if "avx512f" in flags:
     lanes, units, vector = 16, (1 if amd else 2), "AVX-512"
   elif "avx2" in flags and "fma" in flags:
@@ -95,6 +102,19 @@ def cpu_peak(cpuinfo="/proc/cpuinfo", cores=None):
   return {"flops_per_second": cores * units * lanes * 2 * mhz * 1e6, "cores": cores,
           "fma_units_per_core": units, "float32_lanes": lanes, "vector": vector,
           "clock_ghz": mhz / 1000.0, "cpu": fields.get("model name", "")}
+
+
+# Environment variables read at start-up that change the step's speed: the thread
+# pools, oneDNN (on or off, and the highest instruction set it may use) and XLA's
+# flags. The benchmark records those set, so that a figure says what produced it.
+SPEED_SETTINGS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+                  "TF_ENABLE_ONEDNN_OPTS", "ONEDNN_MAX_CPU_ISA", "XLA_FLAGS")
+
+
+def speed_settings(environ=None):
+  """{name: value} of the SPEED_SETTINGS this process was started with."""
+  environ = os.environ if environ is None else environ
+  return {k: environ[k] for k in SPEED_SETTINGS if environ.get(k)}
 
 
 def forward_flops_per_image(model, image_size):
@@ -178,7 +198,8 @@ def run_benchmark(cfg, *, batch_size, steps, warmup, jit, loss_dims, pipeline_ba
                        "image_size": cfg.data.image_size, "batch_size": batch_size,
                        "mixed_precision": cfg.train.mixed_precision, "jit": jit,
                        "steps": steps},
-            "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU"}
+            "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+            "settings": speed_settings()}
   # The reference rate first, on a machine not yet loaded by the step's memory.
   dtype = matmul_dtype(cfg.train.mixed_precision)
   matmul = matmul_flops_per_second(matmul_size, dtype=dtype)

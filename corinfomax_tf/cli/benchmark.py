@@ -84,6 +84,8 @@ def format_table(r):
       if r.get("cpu_peak") else "CPU peak: not detected (no /proc/cpuinfo clock, or not "
       "a float32 step on the CPU)",
       f"peak memory: {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})",
+      "settings: " + (", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items()))
+                      or "TensorFlow's defaults (no thread, oneDNN or XLA variable set)"),
       f"input pipeline: {r['pipeline']['images_per_second']:.1f} images/s "
       f"({r['pipeline']['images_per_second_per_core']:.1f} per core, "
       f"{r['pipeline']['ratio_to_step']:.2f}x the step)",

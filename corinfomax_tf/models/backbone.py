@@ -40,6 +40,8 @@ class CorInfoMaxBackbone(FeaturePyramidBackbone):
       the tiny models of the embedded default and the tests).
     image_size: height/width of the input, or None for any size.
     sync_batch_norm: synchronise BatchNorm statistics across replicas.
+    fused_batch_norm: `FusedBatchNormalization` layers: TensorFlow's fused kernel in
+      training mode, a faster step that is not bitwise the default one.
     dtype: the dtype policy of the layers (keras-hub's convention).
 
   Returns (when called):
@@ -57,12 +59,13 @@ class CorInfoMaxBackbone(FeaturePyramidBackbone):
   """
 
   def __init__(self, depth=18, stem="cifar", width=64, image_size=None,
-               sync_batch_norm=False, dtype=None, **kwargs):
+               sync_batch_norm=False, fused_batch_norm=False, dtype=None, **kwargs):
     resnet.check_architecture(depth, stem, width, image_size)
 
     # === Functional model ===
     inputs = keras.Input(shape=(image_size, image_size, 3), name="images")
-    x, stages = resnet.resnet_body(inputs, depth, stem, width, sync_batch_norm)
+    x, stages = resnet.resnet_body(inputs, depth, stem, width, sync_batch_norm,
+                                   fused_batch_norm)
     super().__init__(inputs=inputs, outputs=x, dtype=dtype, **kwargs)
 
     # === Config ===
@@ -71,6 +74,7 @@ class CorInfoMaxBackbone(FeaturePyramidBackbone):
     self.width = width
     self.image_size = image_size
     self.sync_batch_norm = sync_batch_norm
+    self.fused_batch_norm = fused_batch_norm
     self.stage_outputs = stages
     self.pyramid_outputs = {
         f"P{STAGE_STRIDES[stem][name].bit_length() - 1}": tensor
@@ -81,7 +85,8 @@ class CorInfoMaxBackbone(FeaturePyramidBackbone):
     config = super().get_config()
     config.update({"depth": self.depth, "stem": self.stem, "width": self.width,
                    "image_size": self.image_size,
-                   "sync_batch_norm": self.sync_batch_norm})
+                   "sync_batch_norm": self.sync_batch_norm,
+                   "fused_batch_norm": self.fused_batch_norm})
     return config
 
 

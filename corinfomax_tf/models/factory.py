@@ -23,12 +23,14 @@ from corinfomax_tf.models.specs import RESNETS, is_resnet, read_backbone_config 
 ARCHITECTURE_FILE = "architecture.json"
 
 
-def encoder(depth, stem, width, *, name="encoder", sync_batch_norm=False, image_size=None):
+def encoder(depth, stem, width, *, name="encoder", sync_batch_norm=False, image_size=None,
+            fused_batch_norm=False):
   """A `backbone.CorInfoMaxBackbone`: the last feature map (pool it with
   `pooling.pooled_model`), `pyramid_outputs` for detection."""
   return backbone_lib.CorInfoMaxBackbone(depth=depth, stem=stem, width=width,
                                      image_size=image_size,
-                                     sync_batch_norm=sync_batch_norm, name=name)
+                                     sync_batch_norm=sync_batch_norm,
+                                     fused_batch_norm=fused_batch_norm, name=name)
 
 
 def from_serialized(config, *, name=None):
@@ -98,7 +100,8 @@ def build(model_cfg, *, image_size=None, sync_batch_norm=False, name="encoder"):
     backbone = backbone_from_file(config_path)
   elif is_resnet(kind):
     return encoder(get("depth"), get("stem"), get("width"), name=name,
-                   sync_batch_norm=sync_batch_norm)
+                   sync_batch_norm=sync_batch_norm,
+                   fused_batch_norm=bool(get("fused_batch_norm", False)))
   else:
     backbone = from_preset(kind)
   check_input_size(backbone, image_size, kind if not config_path else config_path,

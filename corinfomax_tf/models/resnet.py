@@ -13,8 +13,11 @@ outputs; the layer names and their creation order are those of every checkpoint
 written so far.
 """
 
+import functools
+
 import keras
 
+from corinfomax_tf.models.fused_batch_norm import FusedBatchNormalization
 from corinfomax_tf.models.specs import BLOCKS, STEMS, parse_projector_spec  # noqa: F401
 
 _BN_MOMENTUM = 0.9
@@ -26,8 +29,9 @@ def _conv_init():
       scale=2.0, mode="fan_out", distribution="untruncated_normal")
 
 
-def _batch_norm(name, synchronized, zero_gamma=False):
-  return keras.layers.BatchNormalization(
+def _batch_norm(name, synchronized, zero_gamma=False, fused=False):
+  layer = FusedBatchNormalization if fused else keras.layers.BatchNormalization
+  return layer(
       momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, synchronized=synchronized,
       gamma_initializer="zeros" if zero_gamma else "ones", name=name)
 
@@ -45,34 +49,34 @@ def _conv(x, filters, kernel_size, stride, name):
                              name=name)(x)
 
 
-def _basic_block(x, filters, stride, name, sync_bn):
+def _basic_block(x, filters, stride, name, norm):
   shortcut = x
   y = _conv(x, filters, 3, stride, f"{name}_conv1")
-  y = _batch_norm(f"{name}_bn1", sync_bn)(y)
+  y = norm(f"{name}_bn1")(y)
   y = keras.layers.ReLU(name=f"{name}_relu1")(y)
   y = _conv(y, filters, 3, 1, f"{name}_conv2")
-  y = _batch_norm(f"{name}_bn2", sync_bn, zero_gamma=True)(y)
+  y = norm(f"{name}_bn2", zero_gamma=True)(y)
   if stride != 1 or x.shape[-1] != filters:
     shortcut = _conv(x, filters, 1, stride, f"{name}_down_conv")
-    shortcut = _batch_norm(f"{name}_down_bn", sync_bn)(shortcut)
+    shortcut = norm(f"{name}_down_bn")(shortcut)
   y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
   return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
-def _bottleneck_block(x, filters, stride, name, sync_bn):
+def _bottleneck_block(x, filters, stride, name, norm):
   out_filters = 4 * filters
   shortcut = x
   y = _conv(x, filters, 1, 1, f"{name}_conv1")
-  y = _batch_norm(f"{name}_bn1", sync_bn)(y)
+  y = norm(f"{name}_bn1")(y)
   y = keras.layers.ReLU(name=f"{name}_relu1")(y)
   y = _conv(y, filters, 3, stride, f"{name}_conv2")
-  y = _batch_norm(f"{name}_bn2", sync_bn)(y)
+  y = norm(f"{name}_bn2")(y)
   y = keras.layers.ReLU(name=f"{name}_relu2")(y)
   y = _conv(y, out_filters, 1, 1, f"{name}_conv3")
-  y = _batch_norm(f"{name}_bn3", sync_bn, zero_gamma=True)(y)
+  y = norm(f"{name}_bn3", zero_gamma=True)(y)
   if stride != 1 or x.shape[-1] != out_filters:
     shortcut = _conv(x, out_filters, 1, stride, f"{name}_down_conv")
-    shortcut = _batch_norm(f"{name}_down_bn", sync_bn)(shortcut)
+    shortcut = norm(f"{name}_down_bn")(shortcut)
   y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
   return keras.layers.ReLU(name=f"{name}_out")(y)
 
@@ -90,16 +94,19 @@ def check_architecture(depth, stem, width, image_size):
                      f"Received: image_size={image_size!r}")
 
 
-def resnet_body(inputs, depth, stem, width, sync_batch_norm):
+def resnet_body(inputs, depth, stem, width, sync_batch_norm, fused_batch_norm=False):
   """(last feature map, {"P2": ..., "P5": ...}) of the ResNet on `inputs`: the layers,
-  their names and their creation order are the encoder's (checkpoints depend on it)."""
+  their names and their creation order are the encoder's (checkpoints depend on it).
+  `fused_batch_norm`: `FusedBatchNormalization` layers (the same weights and names)."""
+  norm = functools.partial(_batch_norm, synchronized=sync_batch_norm,
+                           fused=fused_batch_norm)
   if stem == "cifar":
     x = _conv(inputs, width, 3, 1, "stem_conv")
-    x = _batch_norm("stem_bn", sync_batch_norm)(x)
+    x = norm("stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
   else:
     x = _conv(inputs, width, 7, 2, "stem_conv")
-    x = _batch_norm("stem_bn", sync_batch_norm)(x)
+    x = norm("stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
@@ -110,7 +117,6 @@ def resnet_body(inputs, depth, stem, width, sync_batch_norm):
     filters = width * 2**stage
     for index in range(count):
       stride = 2 if (stage > 0 and index == 0) else 1
-      x = block_fn(x, filters, stride, f"stage{stage + 1}_block{index + 1}",
-                   sync_batch_norm)
+      x = block_fn(x, filters, stride, f"stage{stage + 1}_block{index + 1}", norm)
     pyramid[f"P{stage + 2}"] = x
   return x, pyramid

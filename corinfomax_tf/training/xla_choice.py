@@ -47,14 +47,17 @@ def cache_path():
 
 
 def machine_key(cfg, per_replica_batch):
-  """What a measurement holds for: this CPU (and GPUs), TensorFlow's version and the
-  step's shape (model, loss dimension, batch, image size, precision)."""
+  """What a measurement holds for: this CPU (and GPUs), TensorFlow's version, the
+  start-up settings that change the step's speed (threads, oneDNN, its instruction
+  set, XLA's flags) and the step's shape (model, loss dimension, batch, image size,
+  precision)."""
   cpu = training_step.cpuinfo_fields() or {}
   features = cpu.get("flags", cpu.get("Features", ""))
   gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
   what = {"cpu": cpu.get("model name", platform.processor() or platform.machine()),
           "features": hashlib.sha1(features.encode()).hexdigest()[:12],
           "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__,
+          "settings": training_step.speed_settings(),
           "model": dataclasses.asdict(cfg.model), "loss": dataclasses.asdict(cfg.loss),
           "batch": per_replica_batch, "image_size": cfg.data.image_size,
           "mixed_precision": cfg.train.mixed_precision}
