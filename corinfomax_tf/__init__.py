@@ -23,7 +23,7 @@ export loads with `keras_hub.models.Backbone.from_preset(path)` after
 
 import importlib
 
-__version__ = "0.14.2"
+__version__ = "0.15.0"
 
 # Public name -> the module that defines it.
 _API = {
