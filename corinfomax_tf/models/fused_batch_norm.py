@@ -62,6 +62,22 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
   ```
   """
 
+  def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True,
+               beta_initializer="zeros", gamma_initializer="ones",
+               moving_mean_initializer="zeros", moving_variance_initializer="ones",
+               beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
+               gamma_constraint=None, renorm=False, renorm_clipping=None,
+               renorm_momentum=0.99, synchronized=False, **kwargs):
+    super().__init__(
+        axis=axis, momentum=momentum, epsilon=epsilon, center=center, scale=scale,
+        beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+        moving_mean_initializer=moving_mean_initializer,
+        moving_variance_initializer=moving_variance_initializer,
+        beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+        beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
+        renorm=renorm, renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
+        synchronized=synchronized, **kwargs)
+
   def _fuses(self, inputs, training, mask):
     return (bool(training) and self.trainable and mask is None and not self.renorm
             and not self.synchronized and keras.backend.backend() == "tensorflow"
