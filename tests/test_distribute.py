@@ -8,6 +8,7 @@ import tensorflow as tf
 from corinfomax_tf import config
 from corinfomax_tf.training import schedules
 from corinfomax_tf.method import model as ssl_model
+from corinfomax_tf.models.fused_batch_norm import FusedBatchNormalization
 from tests.conftest import CPU_DEVICES
 from corinfomax_tf import errors
 
@@ -25,12 +26,14 @@ def batches(steps=2, seed=0):
       BATCH, drop_remainder=True)
 
 
-def build(strategy, covariance="per_branch"):
+def build(strategy, covariance="per_branch", sync_bn=None, fused_batch_norm=False):
   keras.utils.set_random_seed(0)
   loss_cfg = config.LossConfig(**{**LOSS.__dict__, "covariance": covariance})
+  if sync_bn is None:
+    sync_bn = strategy.num_replicas_in_sync > 1
+  model_cfg = config.ModelConfig(**{**MODEL.__dict__, "fused_batch_norm": fused_batch_norm})
   with strategy.scope():
-    model = ssl_model.build_pretraining_model(
-        MODEL, loss_cfg, sync_bn=strategy.num_replicas_in_sync > 1)
+    model = ssl_model.build_pretraining_model(model_cfg, loss_cfg, sync_bn=sync_bn)
     opt = schedules.ReferenceSGD(0.05, momentum=0.9, l2_weight_decay=1e-4)
     model.compile(optimizer=opt)
     opt.build(model.trainable_variables)
@@ -99,6 +102,38 @@ def test_fit_on_two_replicas_matches_one_replica(strategies, covariance):
     copies = replica_values(w2)
     np.testing.assert_array_equal(copies[0], copies[-1])
     np.testing.assert_allclose(copies[0], w1.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fused_batch_norm_on_two_replicas_trains_as_the_keras_layer(strategies):
+  """`--fused_batch_norm --nosync_bn` on two replicas: each replica normalises its own
+  half with the fused op, and the run equals the unfused one to float32 rounding. The
+  trainable weights stay equal on both replicas; the moving statistics are each
+  replica's own (Keras' unsynchronised BatchNorm, as PyTorch's DDP without SyncBatchNorm;
+  a checkpoint holds replica 0's) and equal the unfused layer's on the same replica."""
+  _, two = strategies
+  plain = build(two, sync_bn=False)
+  fused = build(two, sync_bn=False, fused_batch_norm=True)
+  assert any(isinstance(l, FusedBatchNormalization) for l in fused.encoder.layers)
+  traced = tf.function(lambda x: fused.encoder(x, training=True)).get_concrete_function(
+      tf.TensorSpec([BATCH, 12, 12, 3], tf.float32))
+  assert "FusedBatchNormV3" in {op.type for op in traced.graph.get_operations()}
+  h_plain = plain.fit(batches(), epochs=1, verbose=0, shuffle=False).history
+  h_fused = fused.fit(batches(), epochs=1, verbose=0, shuffle=False).history
+  for key in ("loss", "attraction", "cov"):
+    np.testing.assert_allclose(h_fused[key], h_plain[key], rtol=1e-4)
+  local = 0
+  for w_plain, w_fused in zip(plain.weights, fused.weights):
+    assert w_fused.path == w_plain.path
+    ours, theirs = replica_values(w_fused), replica_values(w_plain)
+    assert len(ours) == len(theirs) == 2
+    if w_fused.trainable:
+      np.testing.assert_array_equal(ours[0], ours[1])
+    elif "moving_" in w_fused.path and not np.array_equal(ours[0], ours[1]):
+      local += 1
+    for mine, other in zip(ours, theirs):
+      np.testing.assert_allclose(mine, other, rtol=1e-3, atol=1e-5, err_msg=w_fused.path)
+  assert local > 0   # the replicas saw different halves
 
 
 @pytest.mark.slow
