@@ -36,6 +36,23 @@ from corinfomax_tf.training import distribute  # noqa: E402
 CPU_DEVICES = distribute.split_cpu(2)
 
 
+def mirrored(devices):
+  """A MirroredStrategy over `devices` whose collectives no other strategy of this
+  process shares. Every MirroredStrategy numbers its collectives' group keys from the
+  same start, so two strategies over the same devices in one process launch different
+  collectives under the same keys, and the later one aborts ("Collective instance 100
+  expected type 2 ... but got type 0"), depending on which tests a worker ran before.
+  TensorFlow's own tests give each strategy a key base of its own (the class attribute
+  `_collective_key_base`, "only set this in tests"); so do ours, and move the base on
+  again after it, so that a strategy the package makes in this process (which reads
+  the same attribute) gets one of its own too."""
+  import tensorflow as tf
+  tf.distribute.MirroredStrategy._collective_key_base += 10_000
+  strategy = tf.distribute.MirroredStrategy(devices)
+  tf.distribute.MirroredStrategy._collective_key_base += 10_000
+  return strategy
+
+
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402

@@ -153,9 +153,9 @@ def test_image_folder_shards_paths_before_decoding(tmp_path):
 
 
 def test_distributed_replicas_get_their_slice_of_the_global_batch():
-  from tests.conftest import CPU_DEVICES
+  from tests.conftest import CPU_DEVICES, mirrored
   source = data.digits_source(12)
-  strategy = tf.distribute.MirroredStrategy(CPU_DEVICES)
+  strategy = mirrored(CPU_DEVICES)
   dist = strategy.distribute_datasets_from_function(
       lambda context: data.two_view_dataset(source, global_batch_size=8,
                                             input_context=context, **PIPELINE))

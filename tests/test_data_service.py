@@ -121,7 +121,6 @@ def test_a_dispatcher_that_does_not_answer_is_one_line_before_any_work():
 @pytest.mark.slow
 def test_the_workers_of_a_run_agree_on_the_first_replicas_number():
   from corinfomax_tf.training import distribute
-  from tests.conftest import CPU_DEVICES
-  for strategy in (tf.distribute.get_strategy(),
-                   tf.distribute.MirroredStrategy(CPU_DEVICES[:2])):
+  from tests.conftest import CPU_DEVICES, mirrored
+  for strategy in (tf.distribute.get_strategy(), mirrored(CPU_DEVICES[:2])):
     assert distribute.value_of_first_replica(strategy, 2**61 + 7) == 2**61 + 7

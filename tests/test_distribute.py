@@ -9,7 +9,7 @@ from corinfomax_tf import config
 from corinfomax_tf.training import schedules
 from corinfomax_tf.method import model as ssl_model
 from corinfomax_tf.models.fused_batch_norm import FusedBatchNormalization
-from tests.conftest import CPU_DEVICES
+from tests.conftest import CPU_DEVICES, mirrored
 from corinfomax_tf import errors
 
 MODEL = config.ModelConfig(width=4, projector="32-16", sync_bn=True)
@@ -66,9 +66,11 @@ def replica_values(variable):
   return [variable.numpy()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def strategies():
-  return (tf.distribute.get_strategy(), tf.distribute.MirroredStrategy(CPU_DEVICES[:2]))
+  """The default strategy and a two-replica one of the test's own (collective keys no
+  other test's strategy uses: conftest.mirrored)."""
+  return (tf.distribute.get_strategy(), mirrored(CPU_DEVICES[:2]))
 
 
 @pytest.mark.slow
