@@ -23,7 +23,7 @@ export loads with `keras_hub.models.Backbone.from_preset(path)` after
 
 import importlib
 
-__version__ = "0.15.0"
+__version__ = "0.15.1"
 
 # Public name -> the module that defines it.
 _API = {

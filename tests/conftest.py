@@ -70,12 +70,11 @@ def pytest_collection_modifyitems(items):
   # the others wait little for an `alone` test to begin (and its processes keep the
   # cores busy while they wait); later, a worker would sit idle until the other
   # worker's running test ended.
-  # Then the tests by their measured duration, longest first. pytest-xdist's worksteal
-  # gives each worker a contiguous part of this order and an idle worker takes the
-  # back half of a busy one's queue, so every worker's queue ends with its shortest
-  # tests: no worker starts a minute-long test while the other has nothing left to
-  # take (a name that no longer exists only loses its place; the others keep their
-  # collection order).
+  # Then the tests by their measured duration, longest first (a name that no longer
+  # exists only loses its place; the others keep their collection order).
+  # pytest-xdist's worksteal gives each worker a contiguous part of this order, and an
+  # idle worker takes the back half of a busy one's queue: the minute-long tests start
+  # early, and a run ends on tests of under half a minute.
   items.sort(key=lambda item: (item.get_closest_marker("alone") is None,
                                -_expected_seconds(item.nodeid)))
 
