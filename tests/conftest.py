@@ -31,6 +31,8 @@ from corinfomax_tf import quiet  # noqa: E402  (before the level below: it recor
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 quiet.start_tensorflow()   # TensorFlow's start-up lines off the test output
 
+import tensorflow as tf  # noqa: E402
+
 from corinfomax_tf.training import distribute  # noqa: E402
 
 CPU_DEVICES = distribute.split_cpu(2)
@@ -46,7 +48,6 @@ def mirrored(devices):
   `_collective_key_base`, "only set this in tests"); so do ours, and move the base on
   again after it, so that a strategy the package makes in this process (which reads
   the same attribute) gets one of its own too."""
-  import tensorflow as tf
   tf.distribute.MirroredStrategy._collective_key_base += 10_000
   strategy = tf.distribute.MirroredStrategy(devices)
   tf.distribute.MirroredStrategy._collective_key_base += 10_000

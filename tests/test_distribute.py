@@ -1,5 +1,7 @@
 """Two logical CPU replicas give what one replica gives on the concatenated batch."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -31,7 +33,7 @@ def build(strategy, covariance="per_branch", sync_bn=None, fused_batch_norm=Fals
   loss_cfg = config.LossConfig(**{**LOSS.__dict__, "covariance": covariance})
   if sync_bn is None:
     sync_bn = strategy.num_replicas_in_sync > 1
-  model_cfg = config.ModelConfig(**{**MODEL.__dict__, "fused_batch_norm": fused_batch_norm})
+  model_cfg = dataclasses.replace(MODEL, fused_batch_norm=fused_batch_norm)
   with strategy.scope():
     model = ssl_model.build_pretraining_model(model_cfg, loss_cfg, sync_bn=sync_bn)
     opt = schedules.ReferenceSGD(0.05, momentum=0.9, l2_weight_decay=1e-4)
